@@ -1,0 +1,95 @@
+"""The denoising training loss (Ho et al. 2020, Algorithm 1) with optional min-SNR-gamma weighting.
+
+One call draws a timestep and a noise image per example, noises the batch, and compares the
+network's output with the target of the chosen parameterisation (`eps`, `x0` or `v`, converted in
+one place: `NoiseSchedule.training_target`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from samplers import NoiseSchedule
+
+PREDICTIONS = ("eps", "x0", "v")
+WEIGHTINGS = ("none", "min_snr")
+
+
+def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: NoiseSchedule, *,
+                  prediction: str = "eps", weighting: str = "none", min_snr_gamma: float = 5.0,
+                  y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Per-example denoising loss: w(t) * mean((model(x_t, t) - target)^2).
+
+    For each image, t ~ U{0, ..., T-1} and eps ~ N(0, I) are drawn, x_t = sqrt(alpha_bar_t) x0 +
+    sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4), and the target is eps, x0 or
+    v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022, Sec. 4).
+
+    weighting="min_snr" is Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"): the loss measured on x0 gets the weight min(SNR(t), gamma), with
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t). The other targets' errors are rescaled x0 errors,
+    |eps - eps_hat|^2 = SNR |x0 - x0_hat|^2 and |v - v_hat|^2 = (SNR + 1) |x0 - x0_hat|^2, so the
+    same weighting reads, per target:
+        x0:  min(SNR, gamma)
+        eps: min(SNR, gamma) / SNR        (= min(1, gamma / SNR); 1 at SNR = 0)
+        v:   min(SNR, gamma) / (SNR + 1)
+
+    Args:
+        model: called as `model(x_t, t)` or `model(x_t, t, y=y)`; t is a [B] long tensor.
+        x0: clean images in [-1, 1], [B, C, H, W] (any trailing shape works).
+        schedule: the noise schedule (T = schedule.num_timesteps).
+        prediction: what the model outputs: "eps", "x0" or "v".
+        weighting: "none" (plain MSE on the target) or "min_snr".
+        min_snr_gamma: gamma of min-SNR weighting (5 in the paper).
+        y: optional [B] long class labels (-1 = no label), passed through to the model.
+        generator: draws t and the noise; None uses the global RNG. The draws happen on the
+            generator's device, then move to x0's device.
+
+    Returns:
+        The loss of each example, float32 [B]; call `.mean()` to train.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {prediction!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
+    if weighting == "min_snr" and not min_snr_gamma > 0:
+        raise ValueError(f"min_snr_gamma must be positive; got {min_snr_gamma}")
+    if x0.dim() < 2:
+        raise ValueError(f"x0 must be a batch [B, ...]; got shape {tuple(x0.shape)}")
+
+    # Draw t ~ U{0..T-1} and eps ~ N(0, I) per example (Ho et al. 2020, Algorithm 1, lines 3-4).
+    batch = x0.shape[0]
+    draw_device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=draw_device)
+    noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype)
+    t, noise = t.to(x0.device), noise.to(x0.device)
+
+    # Noise the batch and compare with the target of the chosen parameterisation.
+    x_t = schedule.add_noise(x0, t, noise)
+    target = schedule.training_target(x0, noise, t, prediction)
+    output = model(x_t, t) if y is None else model(x_t, t, y=y)
+    squared_error = (output.float() - target.float()) ** 2                  # [B, C, H, W]
+    loss = squared_error.mean(dim=tuple(range(1, squared_error.dim())))    # [B]
+    if weighting == "none":
+        return loss
+    return loss * min_snr_weight(schedule.snr(t), prediction, min_snr_gamma).to(loss)
+
+
+def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
+    """Min-SNR-gamma loss weight for each SNR value (Hang et al. 2023), for the loss on `prediction`.
+
+    x0: min(SNR, gamma); eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1). See
+    `training_loss` for why the three differ. Computed in float64; SNR = 0 is allowed.
+    """
+    snr = snr.double()
+    clipped = snr.clamp(max=gamma)                                          # min(SNR, gamma)
+    if prediction == "x0":
+        return clipped
+    if prediction == "eps":
+        # min(SNR, gamma) / SNR written as min(1, gamma / SNR), which stays finite at SNR = 0.
+        return (gamma / snr).clamp(max=1.0)
+    if prediction == "v":
+        return clipped / (snr + 1.0)
+    raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {prediction!r}")

@@ -1,0 +1,193 @@
+"""EMA math (update formula, warm-up schedule) and the training loss (draws, targets, min-SNR weights)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffunet import UNet, UNetConfig
+from diffunet.ema import ema_copy, ema_decay, ema_update
+from diffunet.loss import min_snr_weight, training_loss
+from samplers import NoiseSchedule
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU their spin-waits cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(in_channels: int = 1, num_classes: int | None = None, seed: int = 0) -> UNet:
+    """A two-level UNet with base_channels=8 whose weights are all random (no zero-initialised layers)."""
+    torch.manual_seed(seed)
+    model = UNet(UNetConfig(in_channels=in_channels, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                            attention_levels=(), norm_groups=4, num_classes=num_classes))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.1)
+    return model
+
+
+def betas_by_hand(num_timesteps: int) -> torch.Tensor:
+    """The linear betas of Ho et al. 2020 (1e-4 ... 0.02), float64."""
+    return torch.linspace(1e-4, 0.02, num_timesteps, dtype=torch.float64)
+
+
+def alpha_bar_by_hand(num_timesteps: int) -> torch.Tensor:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s) (Ho et al. 2020, Sec. 2), float64."""
+    return torch.cumprod(1 - betas_by_hand(num_timesteps), dim=0)
+
+
+# ---- EMA ------------------------------------------------------------------------------------
+
+def test_ema_copy_is_a_frozen_independent_copy():
+    model = tiny_unet()
+    ema = ema_copy(model)
+    assert not ema.training and all(not p.requires_grad for p in ema.parameters())
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    for a, b in zip(ema.parameters(), model.parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert not torch.equal(next(ema.parameters()), next(model.parameters()))
+
+
+def test_ema_update_formula_on_unet():
+    ema, model = tiny_unet(seed=1), tiny_unet(seed=2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, model, 0.9)
+    for old, new, target in zip(before, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * target, rtol=0, atol=1e-7)
+    ema_update(ema, model, 0.0)   # decay 0 copies the model
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
+
+
+def test_ema_closed_form_after_n_updates_and_buffers_copied():
+    # With the model fixed, n updates give ema_n = model + decay^n * (ema_0 - model).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = ema_copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.train()(torch.randn(8, 3))  # changes the BatchNorm running statistics (buffers)
+    start = [p.detach().clone() for p in ema.parameters()]
+    for _ in range(5):
+        ema_update(ema, model, 0.8)
+    for p0, p, target in zip(start, ema.parameters(), model.parameters()):
+        torch.testing.assert_close(p, target + 0.8 ** 5 * (p0 - target), rtol=0, atol=1e-6)
+    for a, b in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(a, b)   # buffers are copied, not averaged
+
+
+def test_ema_update_rejects_bad_input():
+    model = tiny_unet()
+    with pytest.raises(ValueError, match="decay"):
+        ema_update(ema_copy(model), model, 1.5)
+    with pytest.raises(ValueError, match="ema_copy"):
+        ema_update(nn.Linear(2, 2), model, 0.5)
+
+
+def test_ema_decay_warmup_schedule():
+    assert ema_decay(0) == pytest.approx(0.1)
+    assert ema_decay(8) == pytest.approx(0.5)
+    assert ema_decay(80) == pytest.approx(0.9)
+    assert ema_decay(890) == pytest.approx(0.99)
+    assert ema_decay(10**9, max_decay=0.999) == 0.999                     # capped at max_decay
+    values = [ema_decay(step, 0.9999) for step in range(0, 5000, 7)]
+    assert all(a <= b for a, b in zip(values, values[1:]))                 # never decreases
+    assert [ema_decay(step, 0.95) for step in (0, 1000)] == [0.1, 0.95]
+    assert ema_decay(0, 0.95, warmup=False) == 0.95
+    with pytest.raises(ValueError):
+        ema_decay(-1)
+    with pytest.raises(ValueError):
+        ema_decay(0, max_decay=1.0)
+
+
+# ---- training loss --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def test_loss_shape_and_determinism(prediction, weighting):
+    model, schedule = tiny_unet(in_channels=3), NoiseSchedule.linear(100)
+    x0 = torch.rand(4, 3, 8, 16) * 2 - 1
+    options = dict(prediction=prediction, weighting=weighting)
+    loss = training_loss(model, x0, schedule, generator=torch.Generator().manual_seed(0), **options)
+    assert loss.shape == (4,) and loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    again = training_loss(model, x0, schedule, generator=torch.Generator().manual_seed(0), **options)
+    assert torch.equal(loss, again)
+    loss.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_matches_closed_form(prediction):
+    """Draw t then eps from the same generator, build x_t and the target by hand, compare."""
+    model, schedule = tiny_unet(), NoiseSchedule.from_betas(betas_by_hand(50))
+    x0 = torch.rand(3, 1, 16, 24) * 2 - 1
+    loss = training_loss(model, x0, schedule, prediction=prediction, generator=torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    t = torch.randint(0, 50, (3,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    alpha_bar = alpha_bar_by_hand(50)[t].float()[:, None, None, None]
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps                       # Ho et al. eq. 4
+    target = {"eps": eps, "x0": x0, "v": alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0}[prediction]
+    with torch.no_grad():
+        expected = ((model(x_t, t) - target) ** 2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_model_predicting_x0_has_loss_mean_x0_squared():
+    x0 = torch.rand(5, 1, 8, 16) * 2 - 1
+    zero = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
+    loss = training_loss(zero, x0, NoiseSchedule.cosine(100), prediction="x0")
+    torch.testing.assert_close(loss, (x0 ** 2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weighting_against_hand_computed_snr(prediction):
+    model, schedule, gamma = tiny_unet(), NoiseSchedule.from_betas(betas_by_hand(1000)), 5.0
+    x0 = torch.rand(6, 1, 8, 16) * 2 - 1
+    plain = training_loss(model, x0, schedule, prediction=prediction, generator=torch.Generator().manual_seed(3))
+    weighted = training_loss(model, x0, schedule, prediction=prediction, weighting="min_snr",
+                             min_snr_gamma=gamma, generator=torch.Generator().manual_seed(3))
+    t = torch.randint(0, 1000, (6,), generator=torch.Generator().manual_seed(3))
+    alpha_bar = alpha_bar_by_hand(1000)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = {"eps": torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / snr,
+              "x0": torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)),
+              "v": torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64)) / (snr + 1)}[prediction]
+    torch.testing.assert_close(weighted.detach(), plain.detach() * weight.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_min_snr_weight_values():
+    snr = torch.tensor([0.0, 0.5, 5.0, 20.0, 1e4], dtype=torch.float64)
+    x0, eps, v = (min_snr_weight(snr, p, 5.0) for p in ("x0", "eps", "v"))
+    torch.testing.assert_close(x0, torch.tensor([0.0, 0.5, 5.0, 5.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(eps, torch.tensor([1.0, 1.0, 1.0, 0.25, 5e-4], dtype=torch.float64))
+    torch.testing.assert_close(v, torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 21, 5 / 10001], dtype=torch.float64))
+    # All three are one weighting of the x0 error: |eps err|^2 = SNR |x0 err|^2, |v err|^2 = (SNR+1) |x0 err|^2.
+    torch.testing.assert_close((eps * snr)[1:], x0[1:])
+    torch.testing.assert_close(v * (snr + 1), x0)
+
+
+def test_labels_reach_the_model_and_bad_options_raise():
+    model, schedule = tiny_unet(num_classes=3), NoiseSchedule.cosine(20)
+    x0 = torch.zeros(4, 1, 8, 16)
+    y = torch.tensor([0, 2, -1, 1])
+    assert training_loss(model, x0, schedule, y=y).shape == (4,)
+    seen = {}
+
+    def spy(x_t, t, y=None):
+        seen.update(t=t, y=y)
+        return torch.zeros_like(x_t)
+
+    training_loss(spy, x0, schedule, y=y)
+    assert torch.equal(seen["y"], y) and seen["t"].dtype == torch.long and seen["t"].shape == (4,)
+    assert int(seen["t"].min()) >= 0 and int(seen["t"].max()) < 20
+    for bad in (dict(prediction="noise"), dict(weighting="snr"), dict(weighting="min_snr", min_snr_gamma=0)):
+        with pytest.raises(ValueError):
+            training_loss(model, x0, schedule, **bad)
