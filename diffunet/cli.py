@@ -1,0 +1,183 @@
+"""`diffunet train | sample`: the command line. Flags are generated from the config dataclasses.
+
+Every error a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atomic import atomic_write_bytes
+from .errors import UserError
+
+MAX_NUM_SAMPLES = 100_000  # more than this from the CLI is almost certainly a typo
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line instead of usage + error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """Add one `--flag` per field of dataclass `cls`; unset flags stay absent from the namespace."""
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + prefix + field.name.replace("_", "-")
+        kind, nullable = _unwrap_optional(hints[field.name])
+        dest = prefix.replace("-", "_") + field.name
+        default_text = f" (default: {field.default})" if field.default is not dataclasses.MISSING else ""
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=default_text.strip())
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, dest=dest, type=_int_tuple, default=argparse.SUPPRESS,
+                                metavar="A,B,...", help="comma-separated integers" + default_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=_nullable(kind) if nullable else kind,
+                                default=argparse.SUPPRESS, help=default_text.strip())
+
+
+def _unwrap_optional(hint):
+    """(T, True) for `T | None`, else (hint, False)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _nullable(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .training import TrainConfig
+    from .unet import UNetConfig
+
+    parser = _Parser(prog="diffunet", description="Train and sample diffusion denoisers.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a denoiser on an image dataset")
+    add_dataclass_flags(train, TrainConfig)
+    model_flags = train.add_argument_group("model (override the preset's fields)")
+    add_dataclass_flags(model_flags, UNetConfig, prefix="model-")
+
+    sample = commands.add_parser("sample", help="draw images from a trained run")
+    sample.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
+    sample.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
+    sample.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m (default: the run's)")
+    sample.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+    sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
+    sample.add_argument("--out", default="samples.png", help="grid PNG to write")
+    sample.add_argument("--npz", default=None, help="also write uint8 samples under key 'samples'")
+    sample.add_argument("--out-dir", default=None, help="also write one PNG per image here")
+    sample.add_argument("--label", type=int, default=None, help="class label for every image")
+    sample.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    sample.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
+    sample.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    sample.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .checkpoint import read_config
+    from .training import TrainConfig, train
+
+    given = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("model_")}
+    model_overrides = {k[len("model_"):]: v for k, v in vars(args).items() if k.startswith("model_")}
+    cfg = TrainConfig(**given)
+    out = Path(cfg.out)
+    if cfg.resume and (out / "config.json").exists():
+        # Continue with the run's own settings; flags given now (e.g. --steps) take precedence.
+        stored = read_config(out)
+        cfg = TrainConfig(**{**stored["train"], **given})
+        model_overrides = {**stored["model"], **model_overrides}
+    run = train(cfg, model_overrides)
+    print(f"done: {cfg.steps} steps; samples in {run / 'samples_latest.png'}, weights in {run / 'model.safetensors'}")
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .data import make_grid, save_image, to_uint8
+    from .generate import generate
+    from .training import pick_device
+    from samplers import NoiseSchedule
+
+    if not 0 < args.num <= MAX_NUM_SAMPLES:
+        raise UserError(f"--num must be between 1 and {MAX_NUM_SAMPLES}; got {args.num}")
+    device = pick_device(args.device)
+    model, config = load_model(args.checkpoint, device=device)
+    train_cfg = config.get("train", {})
+    num_classes = config["model"].get("num_classes")
+    labels, guidance = _labels_and_guidance(args, num_classes, train_cfg.get("guidance", 1.0))
+    x0 = generate(model, NoiseSchedule.from_dict(config["schedule"]), args.num, tuple(config["image_shape"]),
+                  sampler=args.sampler or train_cfg.get("sampler", "dpmpp_2m"),
+                  steps=args.steps or train_cfg.get("sample_steps", 20), prediction=config["prediction"],
+                  labels=labels, guidance=guidance, seed=args.seed, batch_size=args.batch_size,
+                  device=device, progress=args.progress)
+    images = to_uint8(x0)                                                   # [N, C, H, W] uint8
+    save_image(make_grid(images, nrow=num_classes if labels is not None and args.label is None else None), args.out)
+    if args.npz:
+        arrays = images[:, 0].numpy() if images.shape[1] == 1 else images.numpy()
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, samples=arrays)
+        atomic_write_bytes(args.npz, buffer.getvalue())
+    if args.out_dir:
+        for i, image in enumerate(images):
+            save_image(image, Path(args.out_dir) / f"{i:06d}.png")
+    print(f"wrote {args.num} samples to {args.out}")
+
+
+def _labels_and_guidance(args, num_classes: int | None, default_guidance: float):
+    """Labels for each image (one class per grid column by default) and the guidance scale."""
+    if not num_classes:
+        if args.label is not None:
+            raise UserError("--label was given but this model is unconditional (trained without labels)")
+        if args.guidance is not None:
+            raise UserError("--guidance needs a class-conditional model; this one was trained without labels")
+        return None, 1.0
+    if args.label is not None and not 0 <= args.label < num_classes:
+        raise UserError(f"--label must be in 0..{num_classes - 1} for this model; got {args.label}")
+    labels = (torch.full((args.num,), args.label) if args.label is not None
+              else torch.arange(args.num) % num_classes)
+    return labels, args.guidance if args.guidance is not None else default_guidance
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"train": run_train, "sample": run_sample}
+    try:
+        commands[args.command](args)
+    except (UserError, ValueError) as error:
+        if os.environ.get("DIFFUNET_DEBUG"):
+            raise
+        print(f"diffunet {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"diffunet {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

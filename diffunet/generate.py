@@ -1,0 +1,77 @@
+"""Draw images from a trained denoiser: per-image seeds, batching, labels and guidance in one place.
+
+Used by training (sample grids), the `diffunet sample` command and evaluation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import samplers
+from samplers import NoiseSchedule
+
+from .errors import UserError
+
+
+def image_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
+    """One CPU generator per image index in [start, stop): image i gets the same noise at any batch size."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(start, stop)]
+
+
+def generate(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    num: int,
+    image_shape: tuple[int, int, int],
+    *,
+    sampler: str = "dpmpp_2m",
+    steps: int = 20,
+    prediction: str = "eps",
+    labels: Tensor | None = None,
+    guidance: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    clip_x0: float | None = 1.0,
+    progress: bool = False,
+) -> Tensor:
+    """Sample `num` images of `image_shape` = (C, H, W) with the named sampler.
+
+    Args:
+        model: a denoiser `model(x_t, t, y=...)`; put it in eval mode first.
+        labels: [num] class labels (long), or None for an unconditional draw. -1 means "no label".
+        guidance: classifier-free guidance scale; 1.0 means plain conditional sampling.
+        seed: image i depends only on (seed, i), never on the batch size or the device.
+    Returns:
+        float tensor [num, C, H, W] on the CPU, roughly in [-1, 1].
+    """
+    if sampler not in samplers.SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
+    if steps <= 0:
+        raise UserError(f"--steps must be a positive number of sampling steps; got {steps}")
+    if num <= 0:
+        raise UserError(f"--num must be a positive number of images; got {num}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive; got {batch_size}")
+    if steps > schedule.num_timesteps:
+        raise UserError(f"--steps must be at most the run's {schedule.num_timesteps} diffusion timesteps; got {steps}")
+    out = []
+    for start in range(0, num, batch_size):
+        stop = min(start + batch_size, num)
+        generators = image_generators(seed, start, stop)
+        x = samplers.randn((stop - start, *image_shape), generator=generators, device=device)
+        denoiser = _bind_labels(model, labels[start:stop].to(device) if labels is not None else None, guidance)
+        with torch.inference_mode():
+            x0 = samplers.sample(denoiser, x, schedule, method=sampler, steps=steps, prediction=prediction,
+                                 clip_x0=clip_x0, generator=generators, progress=progress)
+        out.append(x0.float().cpu())
+    return torch.cat(out)
+
+
+def _bind_labels(model, labels: Tensor | None, guidance: float):
+    """Close over labels (and guidance) so samplers see a plain `model(x_t, t)`."""
+    if labels is None:
+        return model
+    if guidance != 1.0:
+        return samplers.guided(model, labels, guidance)
+    return lambda x, t: model(x, t, y=labels)

@@ -1,0 +1,306 @@
+"""Train a denoiser: `TrainConfig` and `train(cfg)`, one loop that reads top to bottom.
+
+The same code runs on one CPU, one GPU, or many processes under `torchrun` (DistributedDataParallel,
+gloo on CPU and nccl on CUDA; rank 0 alone writes files). A run killed at any moment and resumed
+with `--resume` ends with bit-identical weights on CPU: the data order, the noise and the learning
+rate are all functions of the step and of RNG states saved in the checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import samplers
+from samplers import NoiseSchedule
+
+from . import __version__
+from .checkpoint import (capture_rng_states, load_training_state, restore_rng_states, save_model,
+                         save_training_state)
+from .data import ImageData, load_data, save_image, make_grid, to_model_range, to_uint8
+from .ema import ema_copy, ema_decay, ema_update
+from .errors import UserError
+from .generate import generate
+from .loss import training_loss
+from .runlog import MetricsLog
+from .unet import PRESETS, UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "builtin"               # builtin (shipped MNIST subset) | mnist | fashion-mnist | PATH
+    out: str = "runs/default"           # run folder: checkpoints, grids, metrics
+    preset: str = "small28"             # UNet preset name (see diffunet.PRESETS); --model-* flags override
+    image_size: int | None = None       # resize + centre-crop folder images; None keeps the native size
+    channels: int | None = None         # 1 or 3; None = what the data has
+    steps: int = 1000                   # optimizer steps
+    batch_size: int = 64                # images per step per process (before gradient accumulation)
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    lr: float = 2e-3                    # peak AdamW learning rate
+    warmup_steps: int = 100             # linear warmup from 0 to lr
+    lr_schedule: str = "cosine"         # cosine (to 0 at `steps`) | constant, after warmup
+    weight_decay: float = 0.0           # AdamW decoupled weight decay
+    grad_clip: float = 1.0              # max global gradient norm; 0 disables clipping
+    ema_max_decay: float = 0.999        # EMA decay after warmup; samples use the EMA weights
+    ema_warmup: bool = True             # ramp the EMA decay up from 0 (Karras-style warmup)
+    schedule: str = "cosine"            # noise schedule: linear | cosine | sigmoid
+    num_timesteps: int = 1000           # T, diffusion steps
+    zero_terminal_snr: bool = False     # rescale so alpha_bar[T-1] = 0 (Lin et al. 2024); needs v or x0
+    prediction: str = "v"               # what the network predicts: eps | x0 | v
+    loss_weighting: str = "min_snr"     # none | min_snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0          # gamma of min-SNR weighting
+    class_conditional: bool = True      # use labels when the data has them
+    label_dropout: float = 0.1          # probability of dropping a label (trains the guidance branch)
+    precision: str = "fp32"             # fp32 | bf16 (autocast, CPU and CUDA)
+    compile: bool = False               # torch.compile the model for training
+    device: str = "auto"                # auto | cpu | cuda | mps
+    seed: int = 0                       # seeds the model init, data order, noise and samples
+    log_every: int = 25                 # steps between metrics-log rows
+    save_every: int = 250               # steps between resumable checkpoints
+    sample_every: int = 500             # steps between sample grids (also written at the end)
+    num_samples: int = 64               # images in each grid
+    sampler: str = "dpmpp_2m"           # sampler for the grids: ddpm | ddim | dpmpp_2m
+    sample_steps: int = 20              # sampler steps for the grids
+    guidance: float = 1.5               # classifier-free guidance scale for grids (class-conditional runs)
+    quiet: bool = False                 # no progress bar
+    resume: bool = False                # continue the run in `out` if it has a training state
+
+    def __post_init__(self):
+        choices = {"lr_schedule": ("cosine", "constant"), "schedule": ("linear", "cosine", "sigmoid"),
+                   "prediction": ("eps", "x0", "v"), "loss_weighting": ("none", "min_snr"),
+                   "precision": ("fp32", "bf16"), "device": ("auto", "cpu", "cuda", "mps"),
+                   "sampler": tuple(samplers.SAMPLERS), "preset": tuple(PRESETS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
+                                 f"got {getattr(self, name)!r}")
+        positive = ("steps", "batch_size", "grad_accum", "num_timesteps", "log_every", "save_every",
+                    "sample_every", "num_samples", "sample_steps")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(f"--image-size must be positive; got {self.image_size}")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 or 3; got {self.channels}")
+        if not (self.lr > 0 and 0 <= self.ema_max_decay < 1 and 0 <= self.label_dropout < 1):
+            raise ValueError("need --lr > 0, 0 <= --ema-max-decay < 1 and 0 <= --label-dropout < 1")
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ValueError("--zero-terminal-snr needs --prediction v or x0 (eps is undefined at SNR 0)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to 0 at cfg.steps (or constant)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_schedule(cfg: TrainConfig) -> NoiseSchedule:
+    """The noise schedule named by the config."""
+    schedule = getattr(NoiseSchedule, cfg.schedule)(cfg.num_timesteps)
+    return schedule.rescale_zero_terminal_snr() if cfg.zero_terminal_snr else schedule
+
+
+def model_config(cfg: TrainConfig, data: ImageData, overrides: dict | None = None) -> UNetConfig:
+    """The preset, sized to the data's channels and classes, with user overrides applied."""
+    num_classes = data.num_classes if cfg.class_conditional else None
+    fields = {"in_channels": data.images.shape[1], "num_classes": num_classes, **(overrides or {})}
+    return PRESETS[cfg.preset](**fields)
+
+
+def batch_indices(num_images: int, global_batch: int, position: int, seed: int) -> torch.Tensor:
+    """Indices of the `position`-th global batch: epochs of seeded permutations, last partial batch dropped."""
+    per_epoch = num_images // global_batch
+    if per_epoch == 0:
+        raise UserError(f"the dataset has {num_images} images, fewer than one batch of {global_batch}; "
+                        f"lower --batch-size")
+    epoch, offset = divmod(position, per_epoch)
+    permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return permutation[offset * global_batch:(offset + 1) * global_batch]
+
+
+def pick_device(name: str) -> torch.device:
+    """Resolve --device auto to cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
+    return torch.device(name)
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """Join the torchrun process group when launched by torchrun; returns (rank, world_size, device)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
+    """Train a denoiser as `cfg` says; returns the run folder. Resumes when cfg.resume is set."""
+    out = Path(cfg.out)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    state = _resume_state(cfg, out)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    # Data: one uint8 tensor in memory; batches are sliced from it, not decoded per step.
+    data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+                     progress=not cfg.quiet and rank == 0)
+    images = data.images
+    labels = data.labels if cfg.class_conditional else None
+    model_cfg = model_config(cfg, data, model_overrides)
+    schedule = make_schedule(cfg)
+
+    # Model, EMA copy and optimizer.
+    model = UNet(model_cfg).to(device)
+    ema = ema_copy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    noise_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        noise_generator.set_state(state["rng"]["noise"][rank])
+        restore_rng_states(state["rng"])
+        step = int(state["step"])
+    run_config = {"model": model_cfg.to_dict(), "schedule": schedule.to_dict(),
+                  "prediction": cfg.prediction, "train": cfg.to_dict(), "image_shape": list(images.shape[1:]),
+                  "num_classes": model_cfg.num_classes, "data_name": data.name}
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    forward = torch.compile(ddp_model) if cfg.compile else ddp_model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    log = MetricsLog(out / "metrics.jsonl", up_to_step=step) if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=step, disable=cfg.quiet or rank != 0, desc="train", unit="step")
+    last_time, images_since = time.perf_counter(), 0
+    loss_sum, loss_count = 0.0, 0
+    model.train()
+    try:
+        while step < cfg.steps:
+            # One optimizer step: accumulate gradients over micro-batches.
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                position = step * cfg.grad_accum + micro
+                index = batch_indices(len(images), cfg.batch_size * world, position, cfg.seed)
+                index = index[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+                x0 = to_model_range(images[index]).to(device, non_blocking=True)
+                y = _drop_labels(labels[index], cfg.label_dropout, noise_generator, device) if labels is not None else None
+                sync = micro == cfg.grad_accum - 1 or world == 1
+                with autocast, (ddp_model.no_sync() if not sync else contextlib.nullcontext()):
+                    loss = training_loss(forward, x0, schedule, prediction=cfg.prediction,
+                                         weighting=cfg.loss_weighting, min_snr_gamma=cfg.min_snr_gamma,
+                                         y=y, generator=noise_generator).mean()
+                    (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+            if not math.isfinite(step_loss):
+                raise UserError(f"loss became {step_loss} at step {step}; the last good checkpoint in {out} "
+                                f"is kept. Lower --lr or use --precision fp32, then --resume")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # EMA weights give visibly cleaner samples; sample from them.
+            ema_update(ema, model, ema_decay(step, cfg.ema_max_decay) if cfg.ema_warmup else cfg.ema_max_decay)
+            step += 1
+            loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
+            images_since += cfg.batch_size * cfg.grad_accum * world
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - last_time
+                row = {"step": step, "loss": loss_sum / loss_count, "lr": learning_rate(cfg, step - 1),
+                       "images_per_s": images_since / max(elapsed, 1e-9)}
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+                if log is not None:
+                    log.add(row)
+                    log.plot(out / "loss.png")
+                last_time, images_since, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
+            if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+                _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device, out / f"samples_{step:06d}.png")
+    except KeyboardInterrupt:
+        _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
+        bar.close()
+        if rank == 0:
+            print(f"interrupted at step {step}; state saved in {out}. Continue with --resume", flush=True)
+        raise
+    bar.close()
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
+    """The saved training state when resuming; refuses to overwrite a run without --resume."""
+    has_state = (out / "training_state.safetensors").exists()
+    if has_state and not cfg.resume:
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it "
+                        f"or choose another --out")
+    return load_training_state(out) if has_state else None
+
+
+def _drop_labels(y: torch.Tensor, p: float, generator: torch.Generator, device) -> torch.Tensor:
+    """Replace each label by -1 ("no label") with probability p, so the model learns the guidance branch."""
+    y = y.to(device)
+    drop = torch.rand(y.shape, generator=generator, device=device) < p
+    return torch.where(drop, torch.full_like(y, -1), y)
+
+
+def _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config) -> None:
+    """Write the resumable state and the EMA model (rank 0 only; every rank's noise RNG is gathered)."""
+    noise_states = [noise_generator.get_state()]
+    if world > 1:
+        noise_states = [None] * world
+        dist.all_gather_object(noise_states, noise_generator.get_state())
+    if rank != 0:
+        return
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "step": step, "rng": {**capture_rng_states(), "noise": torch.stack(noise_states)}}
+    save_model(out, ema, {**run_config, "step": step, "diffunet_version": __version__})
+    save_training_state(out, state)
+
+
+@torch.no_grad()
+def _sample_grid(cfg, ema, schedule, model_cfg, image_shape, device, path) -> None:
+    """Sample a grid from the EMA weights (one digit class per column when class-conditional)."""
+    labels = None
+    if model_cfg.num_classes:
+        labels = torch.arange(cfg.num_samples) % model_cfg.num_classes
+    x0 = generate(ema, schedule, cfg.num_samples, tuple(image_shape), sampler=cfg.sampler,
+                  steps=cfg.sample_steps, prediction=cfg.prediction, labels=labels,
+                  guidance=cfg.guidance, seed=cfg.seed, device=device)
+    nrow = model_cfg.num_classes or None
+    save_image(make_grid(to_uint8(x0), nrow=nrow), path)
+    save_image(make_grid(to_uint8(x0), nrow=nrow), path.parent / "samples_latest.png")
