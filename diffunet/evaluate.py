@@ -1,0 +1,277 @@
+"""`diffunet eval`: how good is a trained denoiser? Likelihood, sample quality and memorisation, with
+the baselines needed to read them.
+
+    bits/dim      test-set NLL bound (likelihood.py) with its standard error across images
+    FD (floor)    Fréchet distance between N samples and N real test images in the features of the
+                  package's own classifier (features.py), next to the same distance between two
+                  disjoint real sets of N: the floor that sampling noise alone gives at that N
+    entropy       entropy of the classifier's class histogram of the samples (and of real images)
+    memorisation  fraction of samples nearer a training image than 99% of real test images are
+
+Which real data: the run's own (`--data` overrides). A source with a test split (mnist,
+fashion-mnist, an .npz with x_test) is used as it is. The built-in set is the first 10,000 MNIST
+training digits, so when full MNIST is on disk its test set is the reference and the classifier is
+the full-MNIST one (the same feature space as for `--data mnist` runs); otherwise, and for any
+source without a test split, the last fifth of the training images (at most 10,000) is held out as
+the reference. The denoiser saw those images, which the report says.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+import samplers
+from samplers import NoiseSchedule
+
+from .atomic import atomic_write_text
+from .checkpoint import load_model
+from .data import ImageData, load_data, to_uint8
+from .download import data_folder
+from .errors import DataError, UserError
+from .features import (ClassifierConfig, cached_classifier, class_entropy, classify, frechet_distance,
+                       memorisation_rate, nearest_distances)
+from .generate import generate
+from .likelihood import nll_bits_per_dim
+
+MEMORISATION_QUANTILE = 0.01   # share of real test images under the memorisation threshold
+MAX_HELD_OUT = 10_000          # at most this many training images are held out when there is no test split
+
+
+@dataclass
+class EvalData:
+    train: ImageData          # the denoiser's training images (nearest-neighbour search)
+    test: ImageData           # the reference: NLL images, FD reference, memorisation calibration
+    labelled: ImageData       # the classifier's training split (may be unlabelled: then no classifier)
+    reference: str            # what `test` is, in words
+
+
+def eval_data(source: str, train_config: dict, progress: bool = False) -> EvalData:
+    """The real images an evaluation compares against (see the module docstring for the policy)."""
+    options = {"image_size": train_config.get("image_size"), "channels": train_config.get("channels"),
+               "progress": progress}
+    train = load_data(source, **options)
+    if source == "builtin" and (data_folder() / "mnist.npz").is_file():
+        return EvalData(train, load_data("mnist", split="test", **options), load_data("mnist", **options),
+                        "MNIST test set (the built-in data are MNIST training digits)")
+    if source != "builtin":
+        try:
+            test = load_data(source, split="test", **options)
+            return EvalData(train, test, train, f"{train.name} test split")
+        except DataError:
+            pass
+    held = min(len(train.images) // 5, MAX_HELD_OUT)
+    if held < 2:
+        raise UserError(f"{source} has {len(train.images)} images and no test split; give --data with a test split")
+    cut = lambda data, part: replace(data, images=data.images[part],
+                                     labels=data.labels[part] if data.labels is not None else None)
+    kept = cut(train, slice(None, -held))
+    return EvalData(kept, cut(train, slice(-held, None)), kept,
+                    f"last {held} training images, held out (no test split; the denoiser trained on them)")
+
+
+def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000, sampler: str | None = None,
+             steps: int | None = None, guidance: float | None = None, unconditional: bool = False,
+             nll_images: int = 100, nll_timesteps: int | None = None, seed: int = 0, batch_size: int = 256,
+             classifier: ClassifierConfig = ClassifierConfig(), device: str | torch.device = "cpu",
+             progress: bool = False) -> dict:
+    """Evaluate a run; returns the report as a JSON-able dict (see format_table for its reading).
+
+    Args:
+        checkpoint: run folder or model.safetensors.
+        data: the real data (default: the run's training data).
+        num: N, samples for FD, entropy and memorisation (and real images per FD set).
+        sampler, steps, guidance: how to sample (default: the run's grid settings).
+        unconditional: sample a class-conditional model without labels (default: labels i % classes).
+        nll_images: test images for the likelihood (0 skips it); nll_timesteps: forwards per image
+            (None = every timestep, exact; fewer = stratified, unbiased estimate).
+        seed: seeds the samples and the likelihood noise.
+        classifier: the feature classifier's config (its steps mostly; cached per config and data).
+    """
+    device = torch.device(device)
+    model, config = load_model(checkpoint, device=device)
+    train_config = config.get("train", {})
+    source = data or train_config.get("data") or config.get("data_name")
+    real = eval_data(source, train_config, progress)
+    image_shape = tuple(config["image_shape"])
+    if tuple(real.test.images.shape[1:]) != image_shape:
+        raise UserError(f"--data {source} has images of shape {tuple(real.test.images.shape[1:])} but the model "
+                        f"makes {image_shape}; evaluate against the run's data")
+    if not 2 <= num <= len(real.test.images):
+        raise UserError(f"--num must be in 2..{len(real.test.images)} (the reference has "
+                        f"{len(real.test.images)} images); got {num}")
+    if not 0 <= nll_images <= len(real.test.images):
+        raise UserError(f"--nll-images must be in 0..{len(real.test.images)}; got {nll_images}")
+    schedule, prediction = NoiseSchedule.from_dict(config["schedule"]), config["prediction"]
+    sampler = sampler or train_config.get("sampler", "dpmpp_2m")
+    steps = steps or train_config.get("sample_steps", 20)
+    if sampler not in samplers.SAMPLERS or not 1 <= steps <= schedule.num_timesteps:
+        raise UserError(f"--sampler must be one of {', '.join(samplers.SAMPLERS)} and --steps in "
+                        f"1..{schedule.num_timesteps}; got {sampler!r} with {steps} steps")
+    if nll_timesteps is not None and not 2 <= nll_timesteps <= schedule.num_timesteps:
+        raise UserError(f"--nll-timesteps must be in 2..{schedule.num_timesteps} (this run's T); got {nll_timesteps}")
+    num_classes = config["model"].get("num_classes")
+    report = {"checkpoint": str(checkpoint), "step": config.get("step"), "data": source,
+              "reference": real.reference, "num": num, "seed": seed}
+
+    # Likelihood: the unconditional branch when training dropped labels, else conditioned on the test label.
+    if nll_images:
+        started = time.perf_counter()
+        conditional = bool(num_classes) and not train_config.get("label_dropout", 0) > 0
+        if conditional and real.test.labels is None:
+            raise UserError("this model was trained without label dropout, so its likelihood needs labels, "
+                            "and the reference data have none; give --data with labels or --nll-images 0")
+        result = nll_bits_per_dim(model, real.test.images[:nll_images], schedule, prediction,
+                                  labels=real.test.labels[:nll_images] if conditional else None,
+                                  timesteps_per_image=nll_timesteps, batch_size=batch_size, seed=seed,
+                                  device=device, progress=progress)
+        report["nll"] = {"bits_per_dim": result.bits_per_dim, "stderr": _finite(result.stderr),
+                         "num_images": result.num_images, "timesteps_per_image": result.timesteps_per_image,
+                         "num_timesteps": schedule.num_timesteps, "prior_bits_per_dim": result.prior_bits_per_dim,
+                         "decoder_bits_per_dim": result.decoder_bits_per_dim,
+                         "conditioning": "label" if conditional else "none",
+                         "seconds": time.perf_counter() - started}
+
+    # Samples: one class per image in turn for a class-conditional model, with the run's guidance.
+    started = time.perf_counter()
+    labels = torch.arange(num) % num_classes if num_classes and not unconditional else None
+    guidance = (guidance if guidance is not None else train_config.get("guidance", 1.0)) if labels is not None else 1.0
+    samples = to_uint8(generate(model, schedule, num, image_shape, sampler=sampler, steps=steps,
+                                prediction=prediction, labels=labels, guidance=guidance, seed=seed,
+                                batch_size=batch_size, device=device, progress=progress))
+    report["samples"] = {"num": num, "sampler": sampler, "steps": steps, "guidance": guidance,
+                         "labels": "balanced" if labels is not None else "none",
+                         "seconds": time.perf_counter() - started}
+    if real.labelled.labels is not None and len(real.labelled.labels) > 0:
+        report.update(_feature_statistics(samples, labels, real, classifier, device, progress))
+    report["memorisation"] = _memorisation(samples, real)
+    return report
+
+
+def _feature_statistics(samples: torch.Tensor, labels: torch.Tensor | None, real: EvalData,
+                        config: ClassifierConfig, device: torch.device, progress: bool) -> dict:
+    """The "classifier", "fd" and "entropy" sections: samples vs the first N test images, and the floor
+    (the same distance from a second, disjoint set of N real images)."""
+    started, num = time.perf_counter(), len(samples)
+    reference = real.test.images[:num]
+    if 2 * num <= len(real.test.images):
+        second, second_name = real.test.images[num:2 * num], f"test images {num}..{2 * num - 1}"
+    else:
+        second, second_name = real.train.images[-num:], f"the last {num} training images"
+    labelled = real.labelled
+    net, path, trained = cached_classifier(labelled.images, labelled.labels, labelled.num_classes, labelled.name,
+                                           config, device=device, progress=progress)
+    sample_features, sample_classes = classify(net, samples, device=device)
+    real_features, real_classes = classify(net, reference, device=device)
+    second_features, _ = classify(net, second, device=device)
+    fd, floor = frechet_distance(sample_features, real_features), frechet_distance(second_features, real_features)
+    accuracy = (real_classes == real.test.labels[:num]).double().mean().item() if real.test.labels is not None else None
+    agreement = (sample_classes == labels).double().mean().item() if labels is not None else None
+    return {
+        "classifier": {"path": str(path), "trained_now": trained, "steps": config.steps,
+                       "feature_dim": config.feature_dim, "reference_accuracy": accuracy,
+                       "seconds": time.perf_counter() - started},
+        "fd": {"value": fd, "floor": floor, "ratio": fd / floor if floor > 0 else None, "num": num,
+               "floor_sets": f"test images 0..{num - 1} vs {second_name}"},
+        "entropy": {"samples_bits": class_entropy(sample_classes, labelled.num_classes),
+                    "real_bits": class_entropy(real_classes, labelled.num_classes),
+                    "max_bits": math.log2(labelled.num_classes), "label_agreement": agreement}}
+
+
+def _memorisation(samples: torch.Tensor, real: EvalData) -> dict:
+    """Nearest training image in pixel space, with the threshold calibrated on the first N test images."""
+    started = time.perf_counter()
+    sample_nearest = nearest_distances(samples, real.train.images)
+    real_nearest = nearest_distances(real.test.images[:len(samples)], real.train.images)
+    rate, threshold = memorisation_rate(sample_nearest, real_nearest, MEMORISATION_QUANTILE)
+    return {"rate": rate, "real_rate": (real_nearest < threshold).double().mean().item(), "threshold": threshold,
+            "quantile": MEMORISATION_QUANTILE, "median_nearest_samples": sample_nearest.median().item(),
+            "median_nearest_real": real_nearest.median().item(), "train_images": len(real.train.images),
+            "seconds": time.perf_counter() - started}
+
+
+def format_table(report: dict) -> str:
+    """The report as a small aligned table: metric, value, what to compare it with."""
+    rows = [("metric", "value", "notes")]
+    nll = report.get("nll")
+    if nll:
+        stderr = f" ± {nll['stderr']:.3f}" if nll["stderr"] is not None else ""
+        how = "every timestep" if nll["timesteps_per_image"] == nll["num_timesteps"] else \
+            f"{nll['timesteps_per_image']} of {nll['num_timesteps']} timesteps, stratified"
+        rows.append(("bits/dim (NLL bound)", f"{nll['bits_per_dim']:.3f}{stderr}",
+                     f"{nll['num_images']} test images, {how}; prior {nll['prior_bits_per_dim']:.4f}, "
+                     f"decoder {nll['decoder_bits_per_dim']:.3f}"))
+    fd = report.get("fd")
+    if fd:
+        ratio = f", {fd['ratio']:.2f}x floor" if fd["ratio"] is not None else ""
+        rows.append(("FD (floor)", f"{fd['value']:.3f} ({fd['floor']:.3f})",
+                     f"N = {fd['num']}{ratio}; floor = {fd['floor_sets']}"))
+        entropy = report["entropy"]
+        rows.append(("class entropy (bits)", f"{entropy['samples_bits']:.3f}",
+                     f"real {entropy['real_bits']:.3f}, max {entropy['max_bits']:.3f}"))
+        if entropy["label_agreement"] is not None:
+            rows.append(("label agreement", f"{entropy['label_agreement']:.1%}",
+                         "samples the classifier puts in their conditioning class"))
+        accuracy = report["classifier"]["reference_accuracy"]
+        if accuracy is not None:
+            rows.append(("classifier accuracy", f"{accuracy:.1%}", f"on the {fd['num']} reference images"))
+    memo = report["memorisation"]
+    rows.append(("memorisation", f"{memo['rate']:.1%}",
+                 f"real test {memo['real_rate']:.1%}; nearest of {memo['train_images']} training images "
+                 f"closer than L2 {memo['threshold']:.2f}"))
+    samples = report["samples"]
+    title = (f"{report['checkpoint']} (step {report['step']}) | data {report['data']} | reference: "
+             f"{report['reference']} | samples: {samples['sampler']} {samples['steps']} steps, "
+             f"guidance {samples['guidance']}, seed {report['seed']}")
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    lines = [title] + [f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}" for row in rows]
+    return "\n".join(lines)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `diffunet eval` flags."""
+    parser.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
+    parser.add_argument("--data", default=None, help="real data to compare with (default: the run's)")
+    parser.add_argument("--num", type=int, default=1000, help="N: samples, and real images per FD set (default: 1000)")
+    parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m (default: the run's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the run's)")
+    parser.add_argument("--unconditional", action="store_true", help="sample a class-conditional model without labels")
+    parser.add_argument("--nll-images", type=int, default=100, help="test images for bits/dim; 0 skips (default: 100)")
+    parser.add_argument("--nll-timesteps", type=int, default=None,
+                        help="forwards per image for bits/dim (default: all T, exact; fewer: stratified estimate)")
+    parser.add_argument("--classifier-steps", type=int, default=ClassifierConfig.steps,
+                        help=f"training steps of the feature classifier (default: {ClassifierConfig.steps})")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the samples and the likelihood noise")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    parser.add_argument("--out", default=None, help="JSON report (default: eval.json next to the checkpoint)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """`diffunet eval`: evaluate, print the table, write the JSON report atomically."""
+    from .training import pick_device
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive; got {args.batch_size}")
+    report = evaluate(args.checkpoint, data=args.data, num=args.num, sampler=args.sampler, steps=args.steps,
+                      guidance=args.guidance, unconditional=args.unconditional, nll_images=args.nll_images,
+                      nll_timesteps=args.nll_timesteps, seed=args.seed, batch_size=args.batch_size,
+                      classifier=ClassifierConfig(steps=args.classifier_steps), device=pick_device(args.device),
+                      progress=args.progress)
+    checkpoint = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.json"
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print(f"wrote {out}")
+
+
+def _finite(value: float) -> float | None:
+    """value, or None where it is nan or infinite (JSON has no nan)."""
+    return value if math.isfinite(value) else None
