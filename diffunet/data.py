@@ -31,6 +31,7 @@ from .errors import DataError
 
 BUILTIN_FILE = Path(__file__).resolve().parent / "assets" / "mnist_10k.npz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_IMAGE_SIZE = 8192  # a side beyond this is almost certainly a typo (and would not fit in memory)
 SOURCES_HINT = "give an image folder, an .npz file, or one of builtin, mnist, fashion-mnist"
 
 
@@ -63,8 +64,8 @@ def load_data(source: str | os.PathLike, *, image_size: int | None = None, chann
         ImageData with images uint8 [N, C, H, W].
     """
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size <= 0):
-        raise DataError(f"--image-size must be a positive integer; got {image_size!r}")
+                                   or not 0 < image_size <= MAX_IMAGE_SIZE):
+        raise DataError(f"--image-size must be an integer in 1..{MAX_IMAGE_SIZE}; got {image_size!r}")
     if channels not in (None, 1, 3, 4):
         raise DataError(f"--channels must be 1 (gray), 3 (RGB) or 4 (RGBA); got {channels!r}")
     if split not in ("train", "test"):
