@@ -1,4 +1,4 @@
-"""`diffunet train | sample`: the command line. Flags are generated from the config dataclasses.
+"""`diffunet train | sample | eval`: the command line. Flags are generated from the config dataclasses.
 
 Every error a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import io
+import math
 import os
 import sys
 import types
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     sample.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    from .evaluate import add_eval_arguments
+    add_eval_arguments(commands.add_parser("eval", help="bits/dim, FD with its real-vs-real floor, "
+                                                        "class entropy and memorisation of a run"))
     return parser
 
 
@@ -125,6 +131,16 @@ def run_sample(args: argparse.Namespace) -> None:
 
     if not 0 < args.num <= MAX_NUM_SAMPLES:
         raise UserError(f"--num must be between 1 and {MAX_NUM_SAMPLES}; got {args.num}")
+    if args.steps is not None and args.steps <= 0:
+        raise UserError(f"--steps must be a positive number of sampler steps; got {args.steps}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UserError(f"--guidance must be a finite number; got {args.guidance}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in 0..{2**32 - 1}; got {args.seed}")
+    outputs = (("--out", args.out, "file"), ("--npz", args.npz, "file"), ("--out-dir", args.out_dir, "folder"))
+    for flag, path, want in outputs:
+        if path and Path(path).exists() and Path(path).is_dir() != (want == "folder"):  # found before sampling
+            raise UserError(f"{flag} {path} is {'a file' if want == 'folder' else 'a folder'}; give a {want} path")
     device = pick_device(args.device)
     model, config = load_model(args.checkpoint, device=device)
     train_cfg = config.get("train", {})
@@ -132,7 +148,8 @@ def run_sample(args: argparse.Namespace) -> None:
     labels, guidance = _labels_and_guidance(args, num_classes, train_cfg.get("guidance", 1.0))
     x0 = generate(model, NoiseSchedule.from_dict(config["schedule"]), args.num, tuple(config["image_shape"]),
                   sampler=args.sampler or train_cfg.get("sampler", "dpmpp_2m"),
-                  steps=args.steps or train_cfg.get("sample_steps", 20), prediction=config["prediction"],
+                  steps=args.steps if args.steps is not None else train_cfg.get("sample_steps", 20),
+                  prediction=config["prediction"],
                   labels=labels, guidance=guidance, seed=args.seed, batch_size=args.batch_size,
                   device=device, progress=args.progress)
     images = to_uint8(x0)                                                   # [N, C, H, W] uint8
@@ -163,15 +180,32 @@ def _labels_and_guidance(args, num_classes: int | None, default_guidance: float)
     return labels, args.guidance if args.guidance is not None else default_guidance
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    from .evaluate import run_eval as evaluate_run
+    evaluate_run(args)
+
+
+def _message(error: Exception, args: argparse.Namespace) -> str:
+    """One line: the error's message, or for a bare OSError what failed on which path (and the fix)."""
+    if isinstance(error, OSError) and error.strerror:
+        path = error.filename2 or error.filename  # a failed rename names the temp file first, the target second
+        if path is None and args.command == "train":  # a failed write() names no file; train writes only here
+            path = f"a file in {args.out}"
+        full = error.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC))
+        fix = "; free disk space or choose another folder" if full else ""
+        return f"{error.strerror}{f': {path}' if path else ''}{fix}"
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": run_train, "sample": run_sample}
+    commands = {"train": run_train, "sample": run_sample, "eval": run_eval}
     try:
         commands[args.command](args)
-    except (UserError, ValueError) as error:
+    except (UserError, ValueError, OSError) as error:  # OSError: full disk, missing folder, no permission
         if os.environ.get("DIFFUNET_DEBUG"):
             raise
-        print(f"diffunet {args.command}: error: {error}", file=sys.stderr)
+        print(f"diffunet {args.command}: error: {_message(error, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"diffunet {args.command}: interrupted", file=sys.stderr)

@@ -11,6 +11,8 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +93,22 @@ class TrainConfig:
             raise ValueError(f"--image-size must be positive; got {self.image_size}")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3; got {self.channels}")
+        for name in ("lr", "weight_decay", "grad_clip", "ema_max_decay", "min_snr_gamma", "label_dropout", "guidance"):
+            if not math.isfinite(getattr(self, name)):  # nan or inf, e.g. --lr 1e999
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number; got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_max_decay < 1 and 0 <= self.label_dropout < 1):
             raise ValueError("need --lr > 0, 0 <= --ema-max-decay < 1 and 0 <= --label-dropout < 1")
+        if self.lr > 1e3 or not 0 <= self.lr * self.weight_decay < 1:  # AdamW overflows float32, or flips weights
+            raise ValueError(f"need --lr <= 1000 and 0 <= --lr x --weight-decay < 1 (AdamW scales the weights by "
+                             f"1 - lr * weight_decay each step); got {self.lr} and {self.weight_decay}")
+        for name in ("warmup_steps", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 disables it); got {getattr(self, name)}")
+        if self.sample_steps > self.num_timesteps:  # found now, not at the first grid after hours of training
+            raise ValueError(f"--sample-steps must be at most --num-timesteps ({self.num_timesteps}); "
+                             f"got {self.sample_steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be in 0..{2**32 - 1}; got {self.seed}")
         if self.zero_terminal_snr and self.prediction == "eps":
             raise ValueError("--zero-terminal-snr needs --prediction v or x0 (eps is undefined at SNR 0)")
 
@@ -120,7 +136,17 @@ def model_config(cfg: TrainConfig, data: ImageData, overrides: dict | None = Non
     """The preset, sized to the data's channels and classes, with user overrides applied."""
     num_classes = data.num_classes if cfg.class_conditional else None
     fields = {"in_channels": data.images.shape[1], "num_classes": num_classes, **(overrides or {})}
-    return PRESETS[cfg.preset](**fields)
+    config = PRESETS[cfg.preset](**fields)
+    channels = data.images.shape[1]
+    if config.in_channels != channels or (config.out_channels or channels) != channels:
+        raise UserError(f"the data has {channels} channel(s) but the model takes {config.in_channels} and predicts "
+                        f"{config.out_channels or config.in_channels}; drop --model-in-channels/--model-out-channels "
+                        f"or convert the data with --channels")
+    if not config.time_conditional or config.cond_channels or config.padding != "same":
+        raise UserError(f"a denoiser needs time_conditional=True, cond_channels=0 and padding='same'; the {cfg.preset} "
+                        f"preset with these --model-* flags has {config.time_conditional}, {config.cond_channels} "
+                        f"and {config.padding!r}. Change the flags or the --preset")
+    return config
 
 
 def batch_indices(num_images: int, global_batch: int, position: int, seed: int) -> torch.Tensor:
@@ -142,11 +168,15 @@ def pick_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+    return device
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -180,16 +210,19 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     # Model, EMA copy and optimizer.
     model = UNet(model_cfg).to(device)
     ema = ema_copy(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters instead of ~6 small ops each (6.1 -> 1.7 ms a step for small28)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type in ("cpu", "cuda") or None)
     noise_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    step = 0
+    step, saved_step = 0, None  # saved_step: the last checkpoint written, named in error messages
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
+        _match_parameter_layouts(optimizer)
         noise_generator.set_state(state["rng"]["noise"][rank])
         restore_rng_states(state["rng"])
-        step = int(state["step"])
+        step = saved_step = int(state["step"])
     run_config = {"model": model_cfg.to_dict(), "schedule": schedule.to_dict(),
                   "prediction": cfg.prediction, "train": cfg.to_dict(), "image_shape": list(images.shape[1:]),
                   "num_classes": model_cfg.num_classes, "data_name": data.name}
@@ -199,11 +232,14 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     forward = torch.compile(ddp_model) if cfg.compile else ddp_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
+    for stale in out.glob(".*.tmp") if rank == 0 else ():  # temp files of writes a killed run left behind
+        stale.unlink(missing_ok=True)
     log = MetricsLog(out / "metrics.jsonl", up_to_step=step) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, disable=cfg.quiet or rank != 0, desc="train", unit="step")
     last_time, images_since = time.perf_counter(), 0
     loss_sum, loss_count = 0.0, 0
     model.train()
+    interrupt = _defer_ctrl_c()
     try:
         while step < cfg.steps:
             # One optimizer step: accumulate gradients over micro-batches.
@@ -224,8 +260,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             if not math.isfinite(step_loss):
-                raise UserError(f"loss became {step_loss} at step {step}; the last good checkpoint in {out} "
-                                f"is kept. Lower --lr or use --precision fp32, then --resume")
+                raise UserError(f"loss became {step_loss} at step {step + 1}; {_kept(cfg, out, saved_step)}")
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -247,19 +282,67 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                     log.plot(out / "loss.png")
                 last_time, images_since, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
             if step % cfg.save_every == 0 or step == cfg.steps:
+                _check_finite(model, step, cfg, out, saved_step)
                 _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
+                saved_step = step
             if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
                 _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device, out / f"samples_{step:06d}.png")
-    except KeyboardInterrupt:
-        _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
-        bar.close()
-        if rank == 0:
-            print(f"interrupted at step {step}; state saved in {out}. Continue with --resume", flush=True)
-        raise
+            if step < cfg.steps and _stop_requested(interrupt, world, device):  # Ctrl-C: save whole steps, stop
+                _check_finite(model, step, cfg, out, saved_step)
+                _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
+                bar.close()
+                if rank == 0:
+                    print(f"interrupted at step {step}; state saved in {out}. Continue with --resume", flush=True)
+                raise KeyboardInterrupt
+    finally:
+        interrupt["restore"]()
     bar.close()
+    if rank == 0 and state is not None and int(state["step"]) == cfg.steps:
+        # Resuming a finished run, perhaps killed between its last save and its grid: draw the grid.
+        _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device, out / f"samples_{step:06d}.png")
     if world > 1:
         dist.barrier()
     return out
+
+
+def _defer_ctrl_c() -> dict:
+    """Make Ctrl-C (SIGINT) set flag["requested"], checked between steps, so that no half-done step (noise
+    drawn, weights half updated) is ever saved; a second Ctrl-C stops at once. flag["restore"]() undoes it."""
+    flag = {"requested": False, "restore": lambda: None}
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return flag
+
+    def handler(signum, frame):
+        if flag["requested"]:
+            raise KeyboardInterrupt
+        flag["requested"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    flag["restore"] = lambda: signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    return flag
+
+
+def _stop_requested(flag: dict, world: int, device: torch.device) -> bool:
+    """True once Ctrl-C was pressed on any rank, so that every rank stops after the same step."""
+    if world == 1:
+        return flag["requested"]
+    requested = torch.tensor([int(flag["requested"])], device=device)
+    dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+    return bool(requested.item())
+
+
+def _kept(cfg: TrainConfig, out: Path, saved_step: int | None) -> str:
+    """The end of a divergence message: what is kept, and what to do."""
+    kept = f"the last good checkpoint (step {saved_step}) in {out} is kept" if saved_step is not None \
+        else f"no checkpoint was saved in {out} yet"
+    return f"{kept}. Lower --lr{' or use --precision fp32' if cfg.precision != 'fp32' else ''}, then --resume"
+
+
+def _check_finite(model: torch.nn.Module, step: int, cfg: TrainConfig, out: Path, saved_step: int | None) -> None:
+    """Refuse to save weights that became inf or NaN (a finite loss does not guarantee finite weights)."""
+    if not all(bool(parameter.isfinite().all()) for parameter in model.parameters()):
+        raise UserError(f"the weights became inf or nan at step {step} and were not saved; "
+                        f"{_kept(cfg, out, saved_step)}")
 
 
 def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
@@ -269,6 +352,16 @@ def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
         raise UserError(f"{out} already holds a training run; pass --resume to continue it "
                         f"or choose another --out")
     return load_training_state(out) if has_state else None
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded moment its parameter's memory layout (the model is channels_last, the saved
+    moments are contiguous): fused AdamW walks parameter, gradient and moments as flat arrays and
+    silently mixes elements when their layouts differ."""
+    for parameter, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if torch.is_tensor(value) and value.shape == parameter.shape:
+                moments[name] = torch.empty_like(parameter).copy_(value)
 
 
 def _drop_labels(y: torch.Tensor, p: float, generator: torch.Generator, device) -> torch.Tensor:
