@@ -409,6 +409,6 @@ def _sample_grid(cfg, ema, schedule, model_cfg, image_shape, device, path) -> No
     x0 = generate(ema, schedule, cfg.num_samples, tuple(image_shape), sampler=cfg.sampler,
                   steps=cfg.sample_steps, prediction=cfg.prediction, labels=labels,
                   guidance=cfg.guidance, seed=cfg.seed, device=device)
-    nrow = model_cfg.num_classes or None
-    save_image(make_grid(to_uint8(x0), nrow=nrow), path)
-    save_image(make_grid(to_uint8(x0), nrow=nrow), path.parent / "samples_latest.png")
+    grid = make_grid(to_uint8(x0), nrow=model_cfg.num_classes or None)
+    for target in (path, path.parent / "samples_latest.png"):
+        save_image(grid, target)

@@ -90,11 +90,8 @@ def check_one_line_errors(results: dict[str, dict], expected: dict[str, tuple[st
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (16, 12, 12), dtype=np.uint8), labels=rng.integers(0, 2, 16))
-    return path
+def data(tiny_npz) -> Path:
+    return tiny_npz
 
 
 @pytest.fixture(scope="module")

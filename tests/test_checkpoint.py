@@ -27,13 +27,7 @@ from samplers import NoiseSchedule
 TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(), norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU their spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_unet(seed: int = 0, **overrides) -> UNet:

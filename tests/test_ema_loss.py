@@ -11,13 +11,7 @@ from diffunet.loss import min_snr_weight, training_loss
 from samplers import NoiseSchedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU their spin-waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def tiny_unet(in_channels: int = 1, num_classes: int | None = None, seed: int = 0) -> UNet:

@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -34,13 +33,7 @@ TINY = ["--model-base-channels", "8", "--model-channel-mults", "1,2", "--model-n
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run faster on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # ---- UNetConfig ---------------------------------------------------------------------------------
@@ -234,11 +227,8 @@ def checks_before_training(cfg: TrainConfig, model_overrides: dict | None = None
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("fuzz_data") / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (16, 12, 12), dtype=np.uint8), labels=rng.integers(0, 2, 16))
-    return path
+def tiny_data(tiny_npz) -> Path:
+    return tiny_npz
 
 
 @settings(FUZZ, max_examples=100)

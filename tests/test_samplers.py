@@ -16,14 +16,7 @@ WEIGHT, MEANS, STDS = 0.3, (-0.8, 0.6), (0.1, 0.2)   # mixture: 0.3 N(-0.8, 0.1^
 SPLIT = -0.1                                  # between the two modes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The oracles run log/sqrt/sigmoid on a few thousand values, which torch splits across threads;
-    on shared cores that stalls (10-50x slower). One thread is faster here; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 # ---- closed-form optimal denoisers --------------------------------------------------------------
