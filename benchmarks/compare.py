@@ -24,6 +24,7 @@ blocks per level, groups and one attention head in the middle); only the impleme
     python benchmarks/compare.py               # both shapes, fp32 and bf16: about 10 minutes on 2 cores
     python benchmarks/compare.py --quick       # fewer rounds, for a smoke test
     python benchmarks/compare.py --shapes 28 --precisions bf16 --rounds 20 --default-layout
+    python benchmarks/compare.py --device cuda --precisions fp32,bf16 --compile   # on a GPU
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
 from diffunet import UNet, UNetConfig  # noqa: E402
 
+DEVICE = torch.device("cpu")   # --device; set once in main()
 SHAPES = {"28": (UNetConfig.small28, (1, 28, 28)), "32": (UNetConfig.small32, (3, 32, 32))}
 T = 1000   # timesteps drawn for the inputs
 
@@ -101,10 +103,10 @@ def build_model(kind: str, shape: str) -> torch.nn.Module:
     cfg = preset()
     torch.manual_seed(0)
     if kind == "ours":
-        return UNet(cfg)
+        return UNet(cfg).to(DEVICE)
     if kind == "diffusers":
-        return diffusers_twin(cfg, height)
-    return diffusers_default_layout(cfg, height, count_parameters(UNet(cfg)))
+        return diffusers_twin(cfg, height).to(DEVICE)
+    return diffusers_default_layout(cfg, height, count_parameters(UNet(cfg))).to(DEVICE)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -117,7 +119,7 @@ def make_batch(shape: str, batch: int):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *image, generator=generator)
     t = torch.randint(0, T, (batch,), generator=generator)
-    return x, t, torch.randn(x.shape, generator=generator)
+    return x.to(DEVICE), t.to(DEVICE), torch.randn(x.shape, generator=generator).to(DEVICE)
 
 
 def trainer(model: torch.nn.Module, shape: str, batch: int, bf16: bool, compiled: bool = False):
@@ -128,7 +130,7 @@ def trainer(model: torch.nn.Module, shape: str, batch: int, bf16: bool, compiled
     model.train()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             out = forward(x, t)
         loss = F.mse_loss(out.float(), target)
         loss.backward()
@@ -144,7 +146,7 @@ def sampler_call(model: torch.nn.Module, shape: str, batch: int, bf16: bool, com
 
     def call():
         model.eval()
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             forward(x, t)
     return call
 
@@ -160,11 +162,19 @@ def interleaved(closures: dict, rounds: int, repeats: int = 1) -> dict[str, list
     times = {name: [] for name in closures}
     for _ in range(rounds):
         for name, fn in closures.items():
+            synchronize()
             start = time.perf_counter()
             for _ in range(repeats):
                 fn()
+            synchronize()
             times[name].append((time.perf_counter() - start) / repeats)
     return times
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it (nothing to wait for on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def median_ratio(ours: list[float], theirs: list[float]) -> float:
@@ -179,8 +189,9 @@ def conv_peak(widths_and_sides, batch: int, bf16: bool, rounds: int) -> tuple[fl
     best, best_name = 0.0, ""
     for channels, side in widths_and_sides:
         dtype = torch.bfloat16 if bf16 else torch.float32
-        conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(dtype, memory_format=torch.channels_last)
-        x = torch.randn(batch, channels, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(DEVICE, dtype, memory_format=torch.channels_last)
+        x = torch.randn(batch, channels, side, side, dtype=dtype, device=DEVICE).contiguous(
+            memory_format=torch.channels_last)
         x.requires_grad_()
 
         def step():
@@ -196,7 +207,7 @@ def conv_peak(widths_and_sides, batch: int, bf16: bool, rounds: int) -> tuple[fl
 
 def matmul_peak(bf16: bool, rounds: int, n: int = 2048) -> float:
     dtype = torch.bfloat16 if bf16 else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
     a @ b
     return 2 * n**3 / min(interleaved({"mm": lambda: a @ b}, rounds)["mm"]) / 1e9
 
@@ -205,10 +216,20 @@ def matmul_peak(bf16: bool, rounds: int, n: int = 2048) -> float:
 def memory_probe(kind: str, shape: str, batch: int, bf16: bool, threads: int) -> dict:
     """Run in a child process: peak resident set during 3 training steps minus the resident set before
     them, in MiB. The child runs with a fixed malloc mmap threshold, so freed tensors leave the resident
-    set at once and the peak follows live memory; the kernel's peak counter is reset before the steps."""
+    set at once and the peak follows live memory; the kernel's peak counter is reset before the steps.
+    On CUDA: the peak of the caching allocator's allocated bytes over the steps, less the bytes before."""
     torch.set_num_threads(threads)
     model = build_model(kind, shape)
     step = trainer(model, shape, batch, bf16)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize(DEVICE)
+        peak = torch.cuda.max_memory_allocated(DEVICE)
+        return {"train_mib": (peak - before) / 2**20, "process_mib": peak / 2**20}
     reset = _reset_peak_rss()
     before = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(3):
@@ -232,7 +253,8 @@ def _status_kib(field: str) -> int:
 
 
 def measure_memory(kind: str, shape: str, batch: int, bf16: bool, threads: int) -> dict:
-    spec = json.dumps({"kind": kind, "shape": shape, "batch": batch, "bf16": bf16, "threads": threads})
+    spec = json.dumps({"kind": kind, "shape": shape, "batch": batch, "bf16": bf16, "threads": threads,
+                       "device": str(DEVICE)})
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}   # glibc: large blocks always mmapped, freed at once
     result = subprocess.run([sys.executable, __file__, "--memory-probe", spec], capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -336,8 +358,13 @@ def main() -> None:
     parser.add_argument("--default-layout", action="store_true", help="also time diffusers' default block layout")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--quick", action="store_true", help="3 rounds, for a smoke test")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(json.loads(args.memory_probe).get("device", "cpu") if args.memory_probe else args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but CUDA is not available; use --device cpu")
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.memory_probe:
         spec = json.loads(args.memory_probe)
@@ -354,7 +381,9 @@ def main() -> None:
         kinds += ["diffusers"] + (["diffusers-default"] if args.default_layout else [])
     else:
         print("diffusers is not installed (pip install -e '.[bench]'): measuring ours only, no ratios.")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_flags()}; batch {args.batch}, "
+    where = (f"GPU: {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda"
+             else f"{torch.get_num_threads()} threads, CPU: {cpu_flags()}")
+    print(f"torch {torch.__version__}, {where}; batch {args.batch}, "
           f"{args.rounds} rounds; {load()}")
     print("command: python " + " ".join(sys.argv))
     rows = []
@@ -362,7 +391,8 @@ def main() -> None:
         rows += run_shape(shape, kinds, args.precisions.split(","), args)
     print_table(rows)
     print(f"\n{load()} at the end. img/s are medians over rounds (best round in brackets); ratios are medians of "
-          f"per-round ratios. train mem = growth of peak RSS over 3 training steps in a fresh process.")
+          f"per-round ratios. train mem = growth of peak " + ("allocated GPU memory" if DEVICE.type == "cuda" else "RSS")
+          + " over 3 training steps in a fresh process.")
 
 
 if __name__ == "__main__":

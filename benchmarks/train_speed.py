@@ -13,6 +13,7 @@
     python benchmarks/train_speed.py                    # fp32 and bf16 autocast: about 10 minutes on 2 cores
     python benchmarks/train_speed.py --quick            # a smoke test
     python benchmarks/train_speed.py --checkpoint runs/mnist --precisions fp32 --compile
+    python benchmarks/train_speed.py --device cuda --compile --num 1000 --batch 1000   # on a GPU
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from samplers import NoiseSchedule  # noqa: E402
 PRESETS = {"small28": (UNetConfig.small28, (1, 28, 28)), "small32": (UNetConfig.small32, (3, 32, 32))}
 SAMPLER_TABLE = (("ddpm", 1000), ("ddim", 50), ("dpmpp_2m", 20))
 NUM_CLASSES = 10
+DEVICE = torch.device("cpu")   # --device; set once in main()
 
 
 def load() -> str:
@@ -48,9 +50,9 @@ def train_step(model: UNet, image: tuple[int, int, int], batch: int, bf16: bool,
     """The training loop's step as a closure: loss, backward, clip, fused AdamW, EMA."""
     cfg = TrainConfig()
     schedule = getattr(NoiseSchedule, cfg.schedule)(cfg.num_timesteps)
-    generator = torch.Generator().manual_seed(0)
-    x0 = torch.rand(batch, *image, generator=generator) * 2 - 1                 # images in [-1, 1]
-    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    x0 = torch.rand(batch, *image, generator=generator, device=DEVICE) * 2 - 1  # images in [-1, 1]
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator, device=DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
     ema = ema_copy(model)
     forward = torch.compile(model, dynamic=False) if compiled else model
@@ -58,8 +60,8 @@ def train_step(model: UNet, image: tuple[int, int, int], batch: int, bf16: bool,
     step_count = [0]
 
     def step():
-        y = torch.where(torch.rand(batch, generator=generator) < cfg.label_dropout, -1, labels)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = torch.where(torch.rand(batch, generator=generator, device=DEVICE) < cfg.label_dropout, -1, labels)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             loss = training_loss(forward, x0, schedule, prediction=cfg.prediction, weighting=cfg.loss_weighting,
                                  min_snr_gamma=cfg.min_snr_gamma, y=y, generator=generator).mean()
         loss.backward()
@@ -73,14 +75,14 @@ def train_step(model: UNet, image: tuple[int, int, int], batch: int, bf16: bool,
 
 def forward_call(model: UNet, image: tuple[int, int, int], batch: int, bf16: bool, compiled: bool):
     """One denoiser call as a sampler makes it (eval mode, inference_mode, labels)."""
-    x = torch.randn(batch, *image)
-    t = torch.randint(0, 1000, (batch,))
-    y = torch.randint(0, NUM_CLASSES, (batch,))
+    x = torch.randn(batch, *image, device=DEVICE)
+    t = torch.randint(0, 1000, (batch,), device=DEVICE)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=DEVICE)
     forward = torch.compile(model, dynamic=False) if compiled else model
 
     def call():
         model.eval()
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             forward(x, t, y=y)
     return call
 
@@ -90,10 +92,18 @@ def timed(closures: dict, rounds: int) -> dict[str, list[float]]:
     times = {name: [] for name in closures}
     for _ in range(rounds):
         for name, fn in closures.items():
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that wall-clock times cover it (nothing to wait for on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def preset_speeds(args) -> None:
@@ -104,7 +114,7 @@ def preset_speeds(args) -> None:
     for name in args.presets.split(","):
         preset, image = PRESETS[name]
         torch.manual_seed(0)
-        model = UNet(preset(num_classes=NUM_CLASSES))
+        model = UNet(preset(num_classes=NUM_CLASSES)).to(DEVICE)
         parameters = sum(p.numel() for p in model.parameters())
         variants = [(precision, compiled) for precision in args.precisions.split(",")
                     for compiled in ([False, True] if args.compile else [False])]
@@ -127,17 +137,17 @@ def preset_speeds(args) -> None:
 
 def sampler_table(args) -> None:
     if args.checkpoint:
-        model, config = load_model(args.checkpoint)
+        model, config = load_model(args.checkpoint, device=DEVICE)
         source = f"trained weights from {args.checkpoint}"
         image, prediction = tuple(config["image_shape"]), config.get("prediction", "eps")
     else:
         torch.manual_seed(0)
-        model = UNet(UNetConfig.small28(num_classes=NUM_CLASSES))
+        model = UNet(UNetConfig.small28(num_classes=NUM_CLASSES)).to(DEVICE)
         source, image, prediction = "small28, random weights (speed does not depend on them)", (1, 28, 28), "v"
     model.eval()
     cfg = TrainConfig()
     schedule = NoiseSchedule.cosine(1000)
-    labels = torch.arange(args.num) % NUM_CLASSES if model.config.num_classes else None
+    labels = torch.arange(args.num, device=DEVICE) % NUM_CLASSES if model.config.num_classes else None
     guidance = cfg.guidance if labels is not None else 1.0
     print(f"\n## Samplers: images/s of diffunet.generate, {args.num} images in batches of {args.batch}, "
           f"guidance {guidance}; {source}\n")
@@ -145,10 +155,12 @@ def sampler_table(args) -> None:
     print("|---|---|---|---|---|---|")
     for precision in args.precisions.split(","):
         for sampler, steps in SAMPLER_TABLE:
+            synchronize()
             start = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 generate(model, schedule, args.num, image, sampler=sampler, steps=steps, prediction=prediction,
-                         labels=labels, guidance=guidance, seed=0, batch_size=args.batch)
+                         labels=labels, guidance=guidance, seed=0, batch_size=args.batch, device=DEVICE)
+            synchronize()
             seconds = time.perf_counter() - start
             calls = steps * -(-args.num // args.batch)
             print(f"| {sampler} | {steps} | {precision} | {seconds:.1f} | {args.num / seconds:.2f} | "
@@ -168,7 +180,12 @@ def main() -> None:
     parser.add_argument("--no-samplers", dest="samplers", action="store_false", help="skip the sampler table")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
     parser.add_argument("--quick", action="store_true", help="3 rounds and 8 images per sampler")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but CUDA is not available; use --device cpu")
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,7 +193,8 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     if args.quick:
         args.rounds, args.num = 3, 8
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {load()}")
+    where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; {load()}")
     print("command: python " + " ".join(sys.argv))
     preset_speeds(args)
     if args.samplers:

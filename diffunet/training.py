@@ -174,6 +174,9 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of those")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError(f"--device {name} was asked for but MPS is not available; use --device cpu")
     return device
