@@ -98,7 +98,7 @@ def test_cuda_sampling_is_seeded_per_image_and_batch_free():
     common = dict(sampler="dpmpp_2m", steps=3, prediction="v", labels=labels, guidance=1.5, seed=7, device="cuda")
     whole = generate(model, schedule, 6, (1, 28, 28), batch_size=6, **common)
     pieces = generate(model, schedule, 6, (1, 28, 28), batch_size=4, **common)
-    assert whole.device.type == "cuda"
+    assert whole.device.type == "cpu"          # generate hands images back on the CPU, ready to save
     torch.testing.assert_close(whole, pieces, rtol=1e-3, atol=1e-3)
     assert not torch.allclose(whole[0], whole[1])
 

@@ -52,7 +52,7 @@ def data(tmp_path_factory) -> Path:
 
 def train_argv(data: Path, out: Path, steps: int, save_every: int = 1) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--steps", str(steps),
-            "--save-every", str(save_every), "--precision", "fp32", *FAST, *TINY]
+            "--save-every", str(save_every), "--precision", "fp32", "--device", "cpu", *FAST, *TINY]
 
 
 def main_one_thread(argv: list[str]) -> int:
