@@ -387,8 +387,11 @@ def main() -> None:
           f"{args.rounds} rounds; {load()}")
     print("command: python " + " ".join(sys.argv))
     rows = []
-    for shape in args.shapes.split(","):
+    shapes = args.shapes.split(",")
+    for shape in shapes:
         rows += run_shape(shape, kinds, args.precisions.split(","), args)
+        if len(shapes) > 1 and shape != shapes[-1]:
+            print_table(rows)              # so far: a run cut short still leaves its figures
     print_table(rows)
     print(f"\n{load()} at the end. img/s are medians over rounds (best round in brackets); ratios are medians of "
           f"per-round ratios. train mem = growth of peak " + ("allocated GPU memory" if DEVICE.type == "cuda" else "RSS")
