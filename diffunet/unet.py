@@ -51,13 +51,15 @@ class UNetConfig:
 
     def __post_init__(self):
         for name in ("channel_mults", "attention_levels"):  # accept lists (JSON, user code); store tuples
+            _require(isinstance(getattr(self, name), (tuple, list)),
+                     f"{name} must be a tuple of integers, e.g. (1, 2, 2); got {getattr(self, name)!r}")
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, value in dataclasses.asdict(self).items():
             if name in CHOICES:
                 _require(value in CHOICES[name], f"{name} must be one of {CHOICES[name]}; got {value!r}")
             elif name in ("channel_mults", "attention_levels"):
                 _require(all(isinstance(v, int) and not isinstance(v, bool) for v in value),
-                         f"{name} must be integers; got {value!r}")
+                         f"{name} must be a tuple of integers, e.g. (1, 2, 2); got {value!r}")
             elif name not in ("dropout", "mid_attention", "time_conditional", "zero_init"):
                 _require(value is None or (isinstance(value, int) and not isinstance(value, bool)),
                          f"{name} must be an integer; got {value!r}")

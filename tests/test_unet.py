@@ -271,6 +271,8 @@ def test_config_dict_is_json_and_rejects_unknown_keys():
     (dict(upsample="cubic"), "upsample must be one of"),
     (dict(padding="reflect"), "padding must be one of"),
     (dict(channel_mults=()), "at least one level"),
+    (dict(channel_mults=3), r"channel_mults must be a tuple of integers"),
+    (dict(attention_levels=1), r"attention_levels must be a tuple of integers"),
     (dict(num_res_blocks=0), "num_res_blocks must be >= 1"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(in_channels=1.5), "in_channels must be an integer"),
