@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
+from common import bench_device, interleaved, load  # noqa: E402  (benchmarks/common.py)
 from diffunet import UNet, UNetConfig  # noqa: E402
 
 DEVICE = torch.device("cpu")   # --device; set once in main()
@@ -157,26 +158,6 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def interleaved(closures: dict, rounds: int, repeats: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each closure, `rounds` times, round-robin so that load changes hit all alike."""
-    times = {name: [] for name in closures}
-    for _ in range(rounds):
-        for name, fn in closures.items():
-            synchronize()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fn()
-            synchronize()
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
-
-
-def synchronize() -> None:
-    """Wait for queued GPU work, so that wall-clock times cover it (nothing to wait for on the CPU)."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def median_ratio(ours: list[float], theirs: list[float]) -> float:
     """Median over rounds of theirs_time / ours_time: the speed-up of ours, paired round by round."""
     return statistics.median(b / a for a, b in zip(ours, theirs))
@@ -199,7 +180,7 @@ def conv_peak(widths_and_sides, batch: int, bf16: bool, rounds: int) -> tuple[fl
             y.backward(torch.ones_like(y))
         step()
         flops = count_flops(step)
-        seconds = min(interleaved({"conv": step}, rounds)["conv"])
+        seconds = min(interleaved({"conv": step}, rounds, DEVICE)["conv"])
         if flops / seconds / 1e9 > best:
             best, best_name = flops / seconds / 1e9, f"{channels}->{channels} at {side}x{side}"
     return best, best_name
@@ -209,7 +190,7 @@ def matmul_peak(bf16: bool, rounds: int, n: int = 2048) -> float:
     dtype = torch.bfloat16 if bf16 else torch.float32
     a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
     a @ b
-    return 2 * n**3 / min(interleaved({"mm": lambda: a @ b}, rounds)["mm"]) / 1e9
+    return 2 * n**3 / min(interleaved({"mm": lambda: a @ b}, rounds, DEVICE)["mm"]) / 1e9
 
 
 # ---- peak memory, in a fresh process per model ----
@@ -263,10 +244,6 @@ def measure_memory(kind: str, shape: str, batch: int, bf16: bool, threads: int) 
 
 
 # ---- the table ----
-def load() -> str:
-    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
 def cpu_flags() -> str:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
@@ -304,8 +281,8 @@ def run_shape(shape: str, kinds: list[str], precisions: list[str], args) -> list
             train[name](), sample[name]()
         flops = {name: count_flops(train[name]) for name in kinds}
         flops["ours+compile"] = flops["ours"]
-        train_times = interleaved(train, args.rounds)
-        sample_times = interleaved(sample, args.rounds, repeats=2)
+        train_times = interleaved(train, args.rounds, DEVICE)
+        sample_times = interleaved(sample, args.rounds, DEVICE, repeats=2)
         for name in names:
             memory = (measure_memory(name, shape, args.batch, bf16, torch.get_num_threads())
                       if args.memory and "+" not in name else None)
@@ -362,9 +339,7 @@ def main() -> None:
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
-    DEVICE = torch.device(json.loads(args.memory_probe).get("device", "cpu") if args.memory_probe else args.device)
-    if DEVICE.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but CUDA is not available; use --device cpu")
+    DEVICE = bench_device(json.loads(args.memory_probe)["device"] if args.memory_probe else args.device)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.memory_probe:
         spec = json.loads(args.memory_probe)

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
+from common import bench_device, interleaved, load, synchronize  # noqa: E402  (benchmarks/common.py)
 from diffunet import UNet, UNetConfig  # noqa: E402
 from diffunet.checkpoint import load_model  # noqa: E402
 from diffunet.ema import ema_copy, ema_decay, ema_update  # noqa: E402
@@ -40,10 +40,6 @@ PRESETS = {"small28": (UNetConfig.small28, (1, 28, 28)), "small32": (UNetConfig.
 SAMPLER_TABLE = (("ddpm", 1000), ("ddim", 50), ("dpmpp_2m", 20))
 NUM_CLASSES = 10
 DEVICE = torch.device("cpu")   # --device; set once in main()
-
-
-def load() -> str:
-    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def train_step(model: UNet, image: tuple[int, int, int], batch: int, bf16: bool, compiled: bool):
@@ -87,25 +83,6 @@ def forward_call(model: UNet, image: tuple[int, int, int], batch: int, bf16: boo
     return call
 
 
-def timed(closures: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each closure, interleaved round by round."""
-    times = {name: [] for name in closures}
-    for _ in range(rounds):
-        for name, fn in closures.items():
-            synchronize()
-            start = time.perf_counter()
-            fn()
-            synchronize()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def synchronize() -> None:
-    """Wait for queued GPU work, so that wall-clock times cover it (nothing to wait for on the CPU)."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
 def preset_speeds(args) -> None:
     print(f"\n## Presets: training and sampling-forward images/s (batch {args.batch}, {args.rounds} rounds, medians; "
           f"best round in brackets)\n")
@@ -126,7 +103,7 @@ def preset_speeds(args) -> None:
             start = time.perf_counter()
             train[key](), sample[key]()                          # warm-up, and compilation
             first[key] = time.perf_counter() - start
-        train_times, sample_times = timed(train, args.rounds), timed(sample, args.rounds)
+        train_times, sample_times = interleaved(train, args.rounds, DEVICE), interleaved(sample, args.rounds, DEVICE)
         for key in variants:
             precision, compiled = key
             print(f"| {name} | {parameters / 1e6:.2f} M | {precision} | {'yes' if compiled else 'no'} | "
@@ -155,12 +132,12 @@ def sampler_table(args) -> None:
     print("|---|---|---|---|---|---|")
     for precision in args.precisions.split(","):
         for sampler, steps in SAMPLER_TABLE:
-            synchronize()
+            synchronize(DEVICE)
             start = time.perf_counter()
             with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 generate(model, schedule, args.num, image, sampler=sampler, steps=steps, prediction=prediction,
                          labels=labels, guidance=guidance, seed=0, batch_size=args.batch, device=DEVICE)
-            synchronize()
+            synchronize(DEVICE)
             seconds = time.perf_counter() - start
             calls = steps * -(-args.num // args.batch)
             print(f"| {sampler} | {steps} | {precision} | {seconds:.1f} | {args.num / seconds:.2f} | "
@@ -183,9 +160,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     args = parser.parse_args()
     global DEVICE
-    DEVICE = torch.device(args.device)
-    if DEVICE.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but CUDA is not available; use --device cpu")
+    DEVICE = bench_device(args.device)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)

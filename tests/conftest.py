@@ -1,9 +1,10 @@
 """Fixtures shared by several test files."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+
+from helpers import write_tiny_npz
 
 
 @pytest.fixture
@@ -19,7 +20,4 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_npz(tmp_path_factory) -> Path:
     """16 random 12x12 grayscale images in two classes, as an .npz a training step reads in milliseconds."""
-    path = tmp_path_factory.mktemp("tiny_data") / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (16, 12, 12), dtype=np.uint8), labels=rng.integers(0, 2, 16))
-    return path
+    return write_tiny_npz(tmp_path_factory.mktemp("tiny_data") / "tiny.npz", 16)

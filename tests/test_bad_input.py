@@ -28,11 +28,10 @@ import torch
 from PIL import Image
 
 from diffunet.cli import main
+from helpers import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = ["--model-base-channels", "8", "--model-channel-mults", "1,2", "--model-num-res-blocks", "1",
-        "--model-attention-levels", "", "--model-norm-groups", "4", "--model-head-channels", "8"]
 FAST = ["--batch-size", "8", "--num-samples", "4", "--sample-steps", "2", "--quiet"]
 
 RUNNER = r"""

@@ -15,13 +15,11 @@ from diffunet.checkpoint import load_model
 from diffunet.cli import main
 from diffunet.data import BUILTIN_FILE
 from diffunet.generate import generate
+from helpers import FAST, TINY
 from samplers import NoiseSchedule, sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-TINY = ["--model-base-channels", "8", "--model-channel-mults", "1,2", "--model-num-res-blocks", "1",
-        "--model-attention-levels", "", "--model-norm-groups", "4", "--model-head-channels", "8"]
-FAST = ["--batch-size", "8", "--num-samples", "4", "--sample-steps", "2", "--log-every", "1", "--quiet"]
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -30,12 +29,10 @@ from safetensors import safe_open
 import diffunet.training as training
 from diffunet.checkpoint import load_model, load_training_state
 from diffunet.cli import main
+from helpers import FAST, TINY, write_tiny_npz
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--model-base-channels", "8", "--model-channel-mults", "1,2", "--model-num-res-blocks", "1",
-        "--model-attention-levels", "", "--model-norm-groups", "4", "--model-head-channels", "8"]
-FAST = ["--batch-size", "8", "--num-samples", "4", "--sample-steps", "2", "--log-every", "1", "--quiet"]
 STEPS = 10          # the short runs of the default suite
 STATE, MODEL = "training_state.safetensors", "model.safetensors"
 RNG_KEYS = ("rng/python", "rng/numpy")  # Python and NumPy RNGs are never seeded or used by training
@@ -44,10 +41,7 @@ RNG_KEYS = ("rng/python", "rng/numpy")  # Python and NumPy RNGs are never seeded
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """32 random 12x12 grayscale images in two classes: a training step takes milliseconds."""
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    rng = np.random.default_rng(0)
-    np.savez(path, images=rng.integers(0, 256, (32, 12, 12), dtype=np.uint8), labels=rng.integers(0, 2, 32))
-    return path
+    return write_tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz", 32)
 
 
 def train_argv(data: Path, out: Path, steps: int, save_every: int = 1) -> list[str]:

@@ -27,9 +27,8 @@ from diffunet import UNet, UNetConfig
 from diffunet.data import load_data
 from diffunet.training import TrainConfig
 from diffunet.unet import CHOICES
+from helpers import TINY
 
-TINY = ["--model-base-channels", "8", "--model-channel-mults", "1,2", "--model-num-res-blocks", "1",
-        "--model-attention-levels", "", "--model-norm-groups", "4", "--model-head-channels", "8"]
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 

@@ -15,13 +15,10 @@ from safetensors.torch import load_file
 
 from diffunet.cli import main
 from diffunet.training import TrainConfig, batch_indices, learning_rate
+from helpers import FAST, TINY
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-TINY = ["--model-base-channels", "8", "--model-channel-mults", "1,2", "--model-num-res-blocks", "1",
-        "--model-attention-levels", "", "--model-norm-groups", "4",
-        "--model-head-channels", "8"]
-FAST = ["--batch-size", "8", "--num-samples", "4", "--sample-steps", "2", "--log-every", "1", "--quiet"]
 
 
 def run_cli(*argv: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
