@@ -252,7 +252,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     forward = torch.compile(ddp_model) if cfg.compile else ddp_model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, device))
+    bf16 = use_bf16(cfg.precision, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     for stale in out.glob(".*.tmp") if rank == 0 else ():  # temp files of writes a killed run left behind
         stale.unlink(missing_ok=True)
@@ -282,7 +283,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             if not math.isfinite(step_loss):
-                raise UserError(f"loss became {step_loss} at step {step + 1}; {_kept(cfg, out, saved_step)}")
+                raise UserError(f"loss became {step_loss} at step {step + 1}; {_kept(out, saved_step, bf16)}")
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -304,13 +305,13 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                     log.plot(out / "loss.png")
                 last_time, images_since, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
             if step % cfg.save_every == 0 or step == cfg.steps:
-                _check_finite(model, step, cfg, out, saved_step)
+                _check_finite(model, step, out, saved_step, bf16)
                 _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
                 saved_step = step
             if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
                 _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device, out / f"samples_{step:06d}.png")
             if step < cfg.steps and _stop_requested(interrupt, world, device):  # Ctrl-C: save whole steps, stop
-                _check_finite(model, step, cfg, out, saved_step)
+                _check_finite(model, step, out, saved_step, bf16)
                 _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
                 bar.close()
                 if rank == 0:
@@ -353,18 +354,18 @@ def _stop_requested(flag: dict, world: int, device: torch.device) -> bool:
     return bool(requested.item())
 
 
-def _kept(cfg: TrainConfig, out: Path, saved_step: int | None) -> str:
-    """The end of a divergence message: what is kept, and what to do."""
+def _kept(out: Path, saved_step: int | None, bf16: bool) -> str:
+    """The end of a divergence message: what is kept, and what to do (fp32 is a remedy only if the run was bf16)."""
     kept = f"the last good checkpoint (step {saved_step}) in {out} is kept" if saved_step is not None \
         else f"no checkpoint was saved in {out} yet"
-    return f"{kept}. Lower --lr{' or use --precision fp32' if cfg.precision != 'fp32' else ''}, then --resume"
+    return f"{kept}. Lower --lr{' or use --precision fp32' if bf16 else ''}, then --resume"
 
 
-def _check_finite(model: torch.nn.Module, step: int, cfg: TrainConfig, out: Path, saved_step: int | None) -> None:
+def _check_finite(model: torch.nn.Module, step: int, out: Path, saved_step: int | None, bf16: bool) -> None:
     """Refuse to save weights that became inf or NaN (a finite loss does not guarantee finite weights)."""
     if not all(bool(parameter.isfinite().all()) for parameter in model.parameters()):
         raise UserError(f"the weights became inf or nan at step {step} and were not saved; "
-                        f"{_kept(cfg, out, saved_step)}")
+                        f"{_kept(out, saved_step, bf16)}")
 
 
 def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
