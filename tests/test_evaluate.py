@@ -14,7 +14,7 @@ import torch
 
 from diffunet.cli import main
 from diffunet.data import BUILTIN_FILE
-from diffunet.evaluate import eval_data, format_table
+from diffunet.evaluate import MAX_REFERENCES, eval_data, format_table, split_real
 from diffunet.features import (ClassifierConfig, cached_classifier, class_entropy, classify, frechet_distance,
                                frechet_distance_from_stats, memorisation_rate, nearest_distances, sqrtm_psd,
                                train_classifier)
@@ -276,7 +276,10 @@ def test_eval_cli_prints_table_and_writes_json(tiny_run, monkeypatch, capsys):
     nll = report["nll"]
     assert 0 < nll["bits_per_dim"] <= 8 + 1 and nll["stderr"] > 0 and nll["timesteps_per_image"] == 50
     assert report["fd"]["num"] == 30 and report["fd"]["value"] > 0 and report["fd"]["floor"] > 0
-    assert report["fd"]["floor_sets"] == "test images 0..29 vs test images 30..59"
+    fd = report["fd"]
+    assert fd["floor_sets"] == "30 other random test images vs 4 reference set(s) of 30 random test images"
+    assert len(fd["values"]) == len(fd["floors"]) == MAX_REFERENCES == 4
+    assert fd["value"] == pytest.approx(sum(fd["values"]) / 4) and fd["floor"] == pytest.approx(sum(fd["floors"]) / 4)
     assert 0 <= report["entropy"]["samples_bits"] <= math.log2(10) and report["classifier"]["trained_now"]
     assert 0 <= report["memorisation"]["rate"] <= 1 and report["memorisation"]["train_images"] == 600
     for words in ("bits/dim", "FD (floor)", "class entropy", "memorisation", "N = 30"):
@@ -286,6 +289,22 @@ def test_eval_cli_prints_table_and_writes_json(tiny_run, monkeypatch, capsys):
     again = json.loads((tiny_run / "again.json").read_text())
     assert "nll" not in again and not again["classifier"]["trained_now"]     # the cached classifier is reused
     assert again["fd"] == report["fd"]                                         # same seed, same samples
+    # Room for one set of N only: the floor's stand-in is the last N training images.
+    assert main([*argv, "--num", "150", "--nll-images", "0", "--out", str(tiny_run / "wide.json")]) == 0
+    wide = json.loads((tiny_run / "wide.json").read_text())["fd"]
+    assert wide["floor_sets"] == "the last 150 training images vs 1 reference set(s) of 150 random test images"
+    assert len(wide["values"]) == 1 and wide["value"] == wide["values"][0]
+
+
+def test_real_sets_are_disjoint_random_draws_not_blocks():
+    """The MNIST test set is ordered (cleaner writers first), so FD sets must be random draws."""
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    sets = split_real(order, 30)
+    assert len(sets) == MAX_REFERENCES + 1 and all(len(index) == 30 for index in sets)
+    together = torch.cat(sets)
+    assert len(together.unique()) == len(together)                            # disjoint
+    assert not torch.equal(sets[0].sort().values, torch.arange(30))            # not the first block
+    assert len(split_real(order, 100)) == 2 and len(split_real(order, 101)) == 1
 
 
 def test_eval_cli_errors_are_one_line(tiny_run, tmp_path, monkeypatch, capsys):
