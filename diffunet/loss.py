@@ -1,4 +1,5 @@
-"""The denoising training loss (Ho et al. 2020, Algorithm 1) with optional min-SNR-gamma weighting.
+"""The denoising training loss (Ho et al. 2020, Algorithm 1) with optional min-SNR-gamma weighting
+and a choice of training noise levels.
 
 One call draws a timestep and a noise image per example, noises the batch, and compares the
 network's output with the target of the chosen parameterisation (`eps`, `x0` or `v`, converted in
@@ -6,6 +7,7 @@ one place: `NoiseSchedule.training_target`).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -16,14 +18,16 @@ if TYPE_CHECKING:
 
 PREDICTIONS = ("eps", "x0", "v")
 WEIGHTINGS = ("none", "min_snr")
+TIMESTEP_DISTRIBUTIONS = ("uniform", "lognormal")
 
 
 def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: NoiseSchedule, *,
                   prediction: str = "eps", weighting: str = "none", min_snr_gamma: float = 5.0,
+                  timestep_sampling: str = "uniform", logsnr_mean: float = 1.0, logsnr_std: float = 2.4,
                   y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Per-example denoising loss: w(t) * mean((model(x_t, t) - target)^2).
 
-    For each image, t ~ U{0, ..., T-1} and eps ~ N(0, I) are drawn, x_t = sqrt(alpha_bar_t) x0 +
+    For each image, t (see `draw_timesteps`) and eps ~ N(0, I) are drawn, x_t = sqrt(alpha_bar_t) x0 +
     sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, eq. 4), and the target is eps, x0 or
     v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0 (Salimans & Ho 2022, Sec. 4).
 
@@ -43,6 +47,7 @@ def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: NoiseSched
         prediction: what the model outputs: "eps", "x0" or "v".
         weighting: "none" (plain MSE on the target) or "min_snr".
         min_snr_gamma: gamma of min-SNR weighting (5 in the paper).
+        timestep_sampling, logsnr_mean, logsnr_std: how t is drawn; see `draw_timesteps`.
         y: optional [B] long class labels (-1 = no label), passed through to the model.
         generator: draws t and the noise; None uses the global RNG. The draws happen on the
             generator's device, then move to x0's device.
@@ -56,13 +61,17 @@ def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: NoiseSched
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
     if weighting == "min_snr" and not min_snr_gamma > 0:
         raise ValueError(f"min_snr_gamma must be positive; got {min_snr_gamma}")
+    if timestep_sampling not in TIMESTEP_DISTRIBUTIONS:
+        raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_DISTRIBUTIONS)}; got {timestep_sampling!r}")
+    if not (math.isfinite(logsnr_mean) and math.isfinite(logsnr_std) and logsnr_std > 0):
+        raise ValueError(f"need a finite logsnr_mean and logsnr_std > 0; got {logsnr_mean} and {logsnr_std}")
     if x0.dim() < 2:
         raise ValueError(f"x0 must be a batch [B, ...]; got shape {tuple(x0.shape)}")
 
-    # Draw t ~ U{0..T-1} and eps ~ N(0, I) per example (Ho et al. 2020, Algorithm 1, lines 3-4).
+    # Draw t and eps ~ N(0, I) per example (Ho et al. 2020, Algorithm 1, lines 3-4).
     batch = x0.shape[0]
     draw_device = generator.device if generator is not None else x0.device
-    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=draw_device)
+    t = draw_timesteps(schedule, batch, timestep_sampling, logsnr_mean, logsnr_std, generator, draw_device)
     noise = torch.randn(x0.shape, generator=generator, device=draw_device, dtype=x0.dtype)
     t, noise = t.to(x0.device), noise.to(x0.device)
 
@@ -75,6 +84,31 @@ def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: NoiseSched
     if weighting == "none":
         return loss
     return loss * min_snr_weight(schedule.snr(t), prediction, min_snr_gamma).to(loss)
+
+
+def draw_timesteps(schedule: NoiseSchedule, batch: int, distribution: str = "uniform", logsnr_mean: float = 1.0,
+                   logsnr_std: float = 2.4, generator: torch.Generator | None = None,
+                   device: str | torch.device = "cpu") -> Tensor:
+    """Training timesteps [batch] (long, on `device`).
+
+    "uniform": t ~ U{0, ..., T-1} (Ho et al. 2020, Algorithm 1). On the linear schedule this spends
+    half the steps at log-SNR below -2.5, where x_t is nearly pure noise and the target nearly fixed.
+    "lognormal": log-SNR lambda ~ N(logsnr_mean, logsnr_std^2) and t is the timestep whose
+    log-SNR is nearest; beyond the schedule's range, t is its first or last step (the last finite
+    one under zero terminal SNR, whose final log-SNR is -inf and so never nearest). This is the
+    training noise distribution of Karras et al. 2022 ("EDM", Sec. 5, ln sigma ~ N(P_mean, P_std^2)),
+    written in log-SNR = -2 ln sigma: their P_mean = -1.2, P_std = 1.2 at data std 0.5 become
+    lambda ~ N(2.4 - 2 ln 2, 2.4^2) ~ N(1.0, 2.4^2) for data of std ~1 such as images in [-1, 1].
+    """
+    if distribution == "uniform":
+        return torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=device)
+    logsnr = schedule.snr(torch.arange(schedule.num_timesteps)).log()            # [T], decreasing in t
+    draws = logsnr_mean + logsnr_std * torch.randn(batch, generator=generator, device=device, dtype=torch.float64)
+    ascending = (-logsnr).to(device)                                              # increasing in t
+    right = torch.searchsorted(ascending, -draws).clamp(max=schedule.num_timesteps - 1)
+    left = (right - 1).clamp(min=0)
+    nearer_left = (ascending[right] + draws).abs() > (ascending[left] + draws).abs()
+    return torch.where(nearer_left, left, right)
 
 
 def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:

@@ -60,6 +60,9 @@ class TrainConfig:
     prediction: str = "v"               # what the network predicts: eps | x0 | v
     loss_weighting: str = "none"        # none (plain v-MSE: far better bits/dim, same FD) | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0          # gamma of min-SNR weighting
+    timestep_sampling: str = "uniform"  # uniform t (Ho et al. 2020) | lognormal log-SNR (Karras et al. 2022)
+    logsnr_mean: float = 1.0            # lognormal: mean of the training log-SNR (EDM's P_mean for std-1 data)
+    logsnr_std: float = 2.4             # lognormal: its standard deviation (EDM's 2 x P_std)
     class_conditional: bool = True      # use labels when the data has them
     label_dropout: float = 0.1          # probability of dropping a label (trains the guidance branch)
     precision: str = "auto"             # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
@@ -79,6 +82,7 @@ class TrainConfig:
     def __post_init__(self):
         choices = {"lr_schedule": ("cosine", "constant"), "schedule": ("linear", "cosine", "sigmoid"),
                    "prediction": ("eps", "x0", "v"), "loss_weighting": ("none", "min_snr"),
+                   "timestep_sampling": ("uniform", "lognormal"),
                    "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda", "mps"),
                    "sampler": tuple(samplers.SAMPLERS), "preset": tuple(PRESETS)}
         for name, allowed in choices.items():
@@ -95,11 +99,13 @@ class TrainConfig:
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3; got {self.channels}")
         for name in ("lr", "weight_decay", "adam_beta2", "grad_clip", "ema_max_decay", "min_snr_gamma",
-                     "label_dropout", "guidance"):
+                     "logsnr_mean", "logsnr_std", "label_dropout", "guidance"):
             if not math.isfinite(getattr(self, name)):  # nan or inf, e.g. --lr 1e999
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number; got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_max_decay < 1 and 0 <= self.label_dropout < 1):
             raise ValueError("need --lr > 0, 0 <= --ema-max-decay < 1 and 0 <= --label-dropout < 1")
+        if not self.logsnr_std > 0:
+            raise ValueError(f"--logsnr-std must be positive; got {self.logsnr_std}")
         if not 0 <= self.adam_beta2 < 1:
             raise ValueError(f"--adam-beta2 must be in [0, 1); got {self.adam_beta2}")
         if self.lr > 1e3 or not 0 <= self.lr * self.weight_decay < 1:  # AdamW overflows float32, or flips weights
@@ -279,7 +285,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                 with autocast, (ddp_model.no_sync() if not sync else contextlib.nullcontext()):
                     loss = training_loss(forward, x0, schedule, prediction=cfg.prediction,
                                          weighting=cfg.loss_weighting, min_snr_gamma=cfg.min_snr_gamma,
-                                         y=y, generator=noise_generator).mean()
+                                         timestep_sampling=cfg.timestep_sampling, logsnr_mean=cfg.logsnr_mean,
+                                         logsnr_std=cfg.logsnr_std, y=y, generator=noise_generator).mean()
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             if not math.isfinite(step_loss):

@@ -7,7 +7,7 @@ from torch import nn
 
 from diffunet import UNet, UNetConfig
 from diffunet.ema import ema_copy, ema_decay, ema_update
-from diffunet.loss import min_snr_weight, training_loss
+from diffunet.loss import draw_timesteps, min_snr_weight, training_loss
 from samplers import NoiseSchedule
 
 
@@ -182,6 +182,41 @@ def test_labels_reach_the_model_and_bad_options_raise():
     training_loss(spy, x0, schedule, y=y)
     assert torch.equal(seen["y"], y) and seen["t"].dtype == torch.long and seen["t"].shape == (4,)
     assert int(seen["t"].min()) >= 0 and int(seen["t"].max()) < 20
-    for bad in (dict(prediction="noise"), dict(weighting="snr"), dict(weighting="min_snr", min_snr_gamma=0)):
+    for bad in (dict(prediction="noise"), dict(weighting="snr"), dict(weighting="min_snr", min_snr_gamma=0),
+                dict(timestep_sampling="beta"), dict(timestep_sampling="lognormal", logsnr_std=0.0),
+                dict(timestep_sampling="lognormal", logsnr_mean=float("nan"))):
         with pytest.raises(ValueError):
             training_loss(model, x0, schedule, **bad)
+
+
+# ---- training noise levels ------------------------------------------------------------------
+
+def test_uniform_timesteps_are_the_plain_randint_draw():
+    schedule = NoiseSchedule.linear(1000)
+    drawn = draw_timesteps(schedule, 64, "uniform", generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(5)))
+
+
+def test_lognormal_timesteps_follow_the_log_snr_normal():
+    """lambda ~ N(m, s^2) mapped to the nearest step: the drawn steps' log-SNR has mean m and std s
+    (the linear schedule's log-SNR grid is fine, < 0.05 apart, where N(1, 1.5^2) has its mass)."""
+    schedule = NoiseSchedule.linear(1000)
+    t = draw_timesteps(schedule, 40_000, "lognormal", 1.0, 1.5, generator=torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+    logsnr = schedule.snr(t).log()
+    assert abs(logsnr.mean().item() - 1.0) < 0.03 and abs(logsnr.std().item() - 1.5) < 0.03
+    # Fraction below one standard deviation: Phi(-1) = 0.1587.
+    assert abs((logsnr < 1.0 - 1.5).double().mean().item() - 0.1587) < 0.01
+
+
+def test_lognormal_timesteps_pick_the_nearest_step_and_clamp_to_the_ends():
+    schedule = NoiseSchedule.linear(1000)
+    logsnr = schedule.snr(torch.arange(1000)).log()
+    for k in (0, 1, 250, 998, 999):
+        drawn = draw_timesteps(schedule, 8, "lognormal", logsnr[k].item(), 1e-12, torch.Generator().manual_seed(k))
+        assert drawn.tolist() == [k] * 8
+    high = draw_timesteps(schedule, 8, "lognormal", logsnr[0].item() + 30, 1.0, torch.Generator().manual_seed(1))
+    low = draw_timesteps(schedule, 8, "lognormal", logsnr[-1].item() - 30, 1.0, torch.Generator().manual_seed(1))
+    assert high.tolist() == [0] * 8 and low.tolist() == [999] * 8
+    terminal = NoiseSchedule.linear(1000).rescale_zero_terminal_snr()        # log-SNR -inf at T-1
+    assert draw_timesteps(terminal, 8, "lognormal", -200.0, 1.0, torch.Generator().manual_seed(2)).tolist() == [998] * 8
