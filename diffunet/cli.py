@@ -126,7 +126,7 @@ def run_sample(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data import make_grid, save_image, to_uint8
     from .generate import generate
-    from .training import pick_device
+    from .training import TrainConfig, pick_device
     from samplers import NoiseSchedule
 
     if not 0 < args.num <= MAX_NUM_SAMPLES:
@@ -147,8 +147,8 @@ def run_sample(args: argparse.Namespace) -> None:
     num_classes = config["model"].get("num_classes")
     labels, guidance = _labels_and_guidance(args, num_classes, train_cfg.get("guidance", 1.0))
     x0 = generate(model, NoiseSchedule.from_dict(config["schedule"]), args.num, tuple(config["image_shape"]),
-                  sampler=args.sampler or train_cfg.get("sampler", "dpmpp_2m"),
-                  steps=args.steps if args.steps is not None else train_cfg.get("sample_steps", 20),
+                  sampler=args.sampler or train_cfg.get("sampler", TrainConfig.sampler),
+                  steps=args.steps if args.steps is not None else train_cfg.get("sample_steps", TrainConfig.sample_steps),
                   prediction=config["prediction"],
                   labels=labels, guidance=guidance, seed=args.seed, batch_size=args.batch_size,
                   device=device, progress=args.progress)

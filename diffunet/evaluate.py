@@ -44,6 +44,7 @@ from .features import (ClassifierConfig, cached_classifier, class_entropy, class
                        memorisation_rate, nearest_distances)
 from .generate import generate
 from .likelihood import nll_bits_per_dim
+from .training import TrainConfig, pick_device
 
 MEMORISATION_QUANTILE = 0.01   # share of real test images under the memorisation threshold
 MAX_HELD_OUT = 10_000          # at most this many training images are held out when there is no test split
@@ -115,8 +116,8 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
     if not 0 <= nll_images <= len(real.test.images):
         raise UserError(f"--nll-images must be in 0..{len(real.test.images)}; got {nll_images}")
     schedule, prediction = NoiseSchedule.from_dict(config["schedule"]), config["prediction"]
-    sampler = sampler or train_config.get("sampler", "dpmpp_2m")
-    steps = steps or train_config.get("sample_steps", 20)
+    sampler = sampler or train_config.get("sampler", TrainConfig.sampler)
+    steps = steps or train_config.get("sample_steps", TrainConfig.sample_steps)
     if sampler not in samplers.SAMPLERS or not 1 <= steps <= schedule.num_timesteps:
         raise UserError(f"--sampler must be one of {', '.join(samplers.SAMPLERS)} and --steps in "
                         f"1..{schedule.num_timesteps}; got {sampler!r} with {steps} steps")
@@ -279,8 +280,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     """`diffunet eval`: evaluate, print the table, write the JSON report atomically."""
-    from .training import pick_device
-
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive; got {args.batch_size}")
     report = evaluate(args.checkpoint, data=args.data, num=args.num, sampler=args.sampler, steps=args.steps,

@@ -73,8 +73,8 @@ class TrainConfig:
     save_every: int = 250               # steps between resumable checkpoints
     sample_every: int = 500             # steps between sample grids (also written at the end)
     num_samples: int = 64               # images in each grid
-    sampler: str = "dpmpp_2m"           # sampler for the grids: ddpm | ddim | dpmpp_2m
-    sample_steps: int = 20              # sampler steps for the grids
+    sampler: str = "ddpm"               # grids, `sample` and `eval`: ddpm | ddim | dpmpp_2m (ddpm: lowest FD)
+    sample_steps: int = 50              # sampler steps (dpmpp_2m 20 is 2.5x faster, FD 2.04x floor vs 1.82x)
     guidance: float = 1.0               # classifier-free guidance for grids (1.0: lowest FD; > 1: bolder, less varied)
     quiet: bool = False                 # no progress bar
     resume: bool = False                # continue the run in `out` if it has a training state
