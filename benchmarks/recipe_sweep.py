@@ -51,8 +51,8 @@ SAMPLER_VARIANTS: dict[str, list[str]] = {
     "guidance_2.0": ["--guidance", "2.0"],
     "dpmpp_2m_20": ["--sampler", "dpmpp_2m", "--steps", "20"],
     "ddim_50": ["--sampler", "ddim", "--steps", "50"],
-    "ddpm_100": ["--steps", "100"],
-    "ddpm_1000": ["--steps", "1000"],
+    "ddpm_100": ["--sampler", "ddpm", "--steps", "100"],
+    "ddpm_1000": ["--sampler", "ddpm", "--steps", "1000"],
 }
 
 
