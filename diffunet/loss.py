@@ -102,13 +102,9 @@ def draw_timesteps(schedule: NoiseSchedule, batch: int, distribution: str = "uni
     """
     if distribution == "uniform":
         return torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=device)
-    logsnr = schedule.snr(torch.arange(schedule.num_timesteps)).log()            # [T], decreasing in t
+    logsnr = schedule.snr(torch.arange(schedule.num_timesteps)).log().to(device)  # [T], -inf where SNR = 0
     draws = logsnr_mean + logsnr_std * torch.randn(batch, generator=generator, device=device, dtype=torch.float64)
-    ascending = (-logsnr).to(device)                                              # increasing in t
-    right = torch.searchsorted(ascending, -draws).clamp(max=schedule.num_timesteps - 1)
-    left = (right - 1).clamp(min=0)
-    nearer_left = (ascending[right] + draws).abs() > (ascending[left] + draws).abs()
-    return torch.where(nearer_left, left, right)
+    return (logsnr[None, :] - draws[:, None]).abs().argmin(dim=1)                # nearest step, [batch]
 
 
 def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
