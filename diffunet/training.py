@@ -31,7 +31,7 @@ from .data import ImageData, load_data, save_image, make_grid, to_model_range, t
 from .ema import ema_copy, ema_decay, ema_update
 from .errors import UserError
 from .generate import generate
-from .loss import training_loss
+from .loss import PREDICTIONS, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS, training_loss
 from .runlog import MetricsLog
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -81,8 +81,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"lr_schedule": ("cosine", "constant"), "schedule": ("linear", "cosine", "sigmoid"),
-                   "prediction": ("eps", "x0", "v"), "loss_weighting": ("none", "min_snr"),
-                   "timestep_sampling": ("uniform", "lognormal"),
+                   "prediction": PREDICTIONS, "loss_weighting": WEIGHTINGS, "timestep_sampling": TIMESTEP_DISTRIBUTIONS,
                    "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda", "mps"),
                    "sampler": tuple(samplers.SAMPLERS), "preset": tuple(PRESETS)}
         for name, allowed in choices.items():
