@@ -8,6 +8,9 @@ For each model and precision (fp32, bf16 autocast) it prints:
     matmuls, attention) divided by the step time, against the peak of a bare 3x3 convolution (forward and
     backward, the best of the models' own widths and resolutions) and of a 2048^3 matmul, both measured in
     this run and in the same precision;
+  - the convolutions alone: each model's own convolutions replayed bare, forward and backward, with the
+    step's shapes, layouts and dtypes. Their share of the step is what everything else costs; the step's
+    FLOPs over their time is the highest GFLOP/s any implementation of that layout could reach here;
   - peak training memory: the growth of the process's peak resident set (getrusage ru_maxrss) over a few
     training steps, measured in a fresh subprocess per model and precision, so one model's allocations
     cannot hide another's. It counts activations, gradients, optimizer state and allocator slack.
@@ -29,6 +32,7 @@ blocks per level, groups and one attention head in the middle); only the impleme
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -150,6 +154,37 @@ def sampler_call(model: torch.nn.Module, shape: str, batch: int, bf16: bool, com
         with torch.inference_mode(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             forward(x, t)
     return call
+
+
+def convs_alone(model: torch.nn.Module, shape: str, batch: int, bf16: bool):
+    """A closure that runs only the model's convolutions, forward and backward, as one training step
+    runs them: the same shapes, strides, memory layouts and dtypes, and an input gradient only where the
+    step needs one. Its time is the floor of any implementation of this layout on this machine: the step
+    with every norm, activation, addition, concatenation and the optimizer for free."""
+    x, t, _ = make_batch(shape, batch)
+    seen = []
+    hooks = [m.register_forward_hook(lambda module, inputs, output: seen.append((module, inputs[0])))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    try:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            model(x, t)                                  # one forward, to see each convolution's input
+    finally:
+        for hook in hooks:
+            hook.remove()
+    convs = []
+    for module, seen_input in seen:
+        conv = copy.deepcopy(module).to(seen_input.dtype)   # keeps the weights' memory format
+        layout = (torch.channels_last if seen_input.is_contiguous(memory_format=torch.channels_last)
+                  and not seen_input.is_contiguous() else torch.contiguous_format)
+        bare_input = torch.randn(seen_input.shape, dtype=seen_input.dtype, device=DEVICE).contiguous(
+            memory_format=layout).requires_grad_(seen_input.requires_grad)
+        convs.append((conv, bare_input))
+    outputs = [conv(bare_input) for conv, bare_input in convs]
+    grads = [torch.ones_like(output) for output in outputs]
+
+    def step():
+        torch.autograd.backward([conv(bare_input) for conv, bare_input in convs], grads)
+    return step
 
 
 def count_flops(fn) -> int:
@@ -279,9 +314,10 @@ def run_shape(shape: str, kinds: list[str], precisions: list[str], args) -> list
             train[name](), sample[name]()            # warm-up (and compilation)
             compile_seconds[name] = time.perf_counter() - start
             train[name](), sample[name]()
+        alone = {f"{kind} convs": convs_alone(models[kind], shape, args.batch, bf16) for kind in kinds}
         flops = {name: count_flops(train[name]) for name in kinds}
         flops["ours+compile"] = flops["ours"]
-        train_times = interleaved(train, args.rounds, DEVICE)
+        train_times = interleaved({**train, **alone}, args.rounds, DEVICE)
         sample_times = interleaved(sample, args.rounds, DEVICE, repeats=2)
         for name in names:
             memory = (measure_memory(name, shape, args.batch, bf16, torch.get_num_threads())
@@ -290,11 +326,13 @@ def run_shape(shape: str, kinds: list[str], precisions: list[str], args) -> list
             rows.append({
                 "shape": f"{channels}x{side}x{side}", "model": name if name != "ours" else f"ours ({preset.__name__})",
                 "kind": name, "parameters": count_parameters(models[name.split("+")[0]]), "precision": precision,
-                "train_img_s": args.batch / train_s, "train_best_img_s": args.batch / min(train_times[name]),
+                "batch": args.batch, "train_img_s": args.batch / train_s,
+                "train_best_img_s": args.batch / min(train_times[name]),
                 "sample_img_s": args.batch / statistics.median(sample_times[name]),
                 "train_ratio": median_ratio(train_times[name], train_times["diffusers"]) if "diffusers" in train else None,
                 "sample_ratio": median_ratio(sample_times[name], sample_times["diffusers"]) if "diffusers" in sample else None,
                 "gflop_per_image": flops[name] / args.batch / 1e9, "gflop_s": flops[name] / train_s / 1e9,
+                "convs_alone_s": statistics.median(train_times[name.split("+")[0] + " convs"]),
                 "conv_peak": peak_conv, "matmul_peak": peak_mm, "first_call_s": compile_seconds[name],
                 "memory": memory})
         print(f"  {shape} {precision}: measured  [{load()}]", flush=True)
@@ -304,9 +342,9 @@ def run_shape(shape: str, kinds: list[str], precisions: list[str], args) -> list
 def print_table(rows: list[dict]) -> None:
     base = {(r["shape"], r["precision"]): r for r in rows if r["kind"] == "diffusers"}
     print("\n| shape | model | params | prec | train img/s (best) | train x diffusers | sample-fwd img/s | "
-          "sample x diffusers | GFLOP/img | train GFLOP/s | % conv peak | % matmul peak | train mem MiB | "
-          "mem x diffusers |")
-    print("|" + "---|" * 14)
+          "sample x diffusers | GFLOP/img | train GFLOP/s | % conv peak | convs alone: % of step | "
+          "convs alone: % conv peak | % matmul peak | train mem MiB | mem x diffusers |")
+    print("|" + "---|" * 16)
     for r in rows:
         memory, reference = r["memory"], base.get((r["shape"], r["precision"]))
         mem = f"{memory['train_mib']:.0f}" if memory else "-"
@@ -317,6 +355,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['train_img_s']:.1f} ({r['train_best_img_s']:.1f}) | {ratio(r['train_ratio'])} | "
               f"{r['sample_img_s']:.0f} | {ratio(r['sample_ratio'])} | {r['gflop_per_image']:.3f} | "
               f"{r['gflop_s']:.0f} | {100 * r['gflop_s'] / r['conv_peak']:.0f}% | "
+              f"{100 * r['convs_alone_s'] * r['train_img_s'] / r['batch']:.0f}% | "
+              f"{100 * r['gflop_per_image'] * r['batch'] / r['convs_alone_s'] / r['conv_peak']:.0f}% | "
               f"{100 * r['gflop_s'] / r['matmul_peak']:.0f}% | {mem} | {mem_ratio} |")
     compiled = [r for r in rows if "compile" in r["kind"]]
     for r in compiled:
