@@ -16,7 +16,9 @@ For each model and precision (fp32, bf16 autocast) it prints:
     cannot hide another's. It counts activations, gradients, optimizer state and allocator slack.
 
 Timing interleaves the models round by round and reports medians, and each ratio is the median of the
-per-round ratios, so a load change on a shared machine hits both sides of a ratio alike.
+per-round ratios, so a load change on a shared machine hits both sides of a ratio alike. Both sides run
+in one process where glibc's malloc keeps freed blocks for reuse, as the CLI sets it
+(`diffunet.allocator.keep_freed_memory`); --default-malloc leaves malloc alone.
 
 The diffusers "twin" has our layout block for block (ResnetBlock2D with scale-shift, the same widths,
 blocks per level, groups and one attention head in the middle); only the implementation differs. With
@@ -49,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
 from common import bench_device, interleaved, load  # noqa: E402  (benchmarks/common.py)
+from diffunet.allocator import keep_freed_memory  # noqa: E402
 from diffunet import UNet, UNetConfig  # noqa: E402
 
 DEVICE = torch.device("cpu")   # --device; set once in main()
@@ -376,6 +379,8 @@ def main() -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory subprocesses")
     parser.add_argument("--quick", action="store_true", help="3 rounds, for a smoke test")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--default-malloc", dest="malloc", action="store_false",
+                        help="leave glibc's malloc as it is, instead of keep_freed_memory() as the CLI does")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
@@ -387,6 +392,8 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc:
+        keep_freed_memory()                # as the CLI does (benchmarks/allocator.py measures it)
     # each shape, precision and train/eval mode compiles again; the default limit of 8 falls back to eager
     torch._dynamo.config.recompile_limit = 64
     if args.quick:

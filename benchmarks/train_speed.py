@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
 from common import bench_device, interleaved, load, synchronize  # noqa: E402  (benchmarks/common.py)
+from diffunet.allocator import keep_freed_memory  # noqa: E402
 from diffunet import UNet, UNetConfig  # noqa: E402
 from diffunet.checkpoint import load_model  # noqa: E402
 from diffunet.ema import ema_copy, ema_decay, ema_update  # noqa: E402
@@ -158,12 +159,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
     parser.add_argument("--quick", action="store_true", help="3 rounds and 8 images per sampler")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--default-malloc", dest="malloc", action="store_false",
+                        help="leave glibc's malloc as it is, instead of keep_freed_memory() as the CLI does")
     args = parser.parse_args()
     global DEVICE
     DEVICE = bench_device(args.device)
     warnings.filterwarnings("ignore", category=FutureWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc:
+        keep_freed_memory()                # as the CLI does (benchmarks/allocator.py measures it)
     # train and eval, fp32 and bf16 each compile the forward again; the default limit of 8 falls back to eager
     torch._dynamo.config.recompile_limit = 64
     if args.quick:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .allocator import keep_freed_memory
 from .atomic import atomic_write_bytes
 from .errors import UserError
 
@@ -199,6 +200,7 @@ def _message(error: Exception, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()   # reuse activation buffers step after step instead of page-faulting them in anew
     commands = {"train": run_train, "sample": run_sample, "eval": run_eval}
     try:
         commands[args.command](args)
