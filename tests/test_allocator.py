@@ -5,11 +5,20 @@ import sys
 import pytest
 
 CHILD = """
-import resource, torch
+import ctypes, ctypes.util, resource
 from diffunet.allocator import keep_freed_memory
 
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 8 << 20
+
 def step():                                 # like a training step: many activations live, then all freed
-    maps = [torch.empty(2 << 20).fill_(1.0) for _ in range(8)]   # 8 x 8 MiB, every page touched
+    blocks = [libc.malloc(SIZE) for _ in range(8)]
+    for block in blocks:
+        ctypes.memset(block, 1, SIZE)       # touch every page
+    for block in blocks:
+        libc.free(block)
 
 def faults_per_step():
     for _ in range(3):                      # warm-up: the heap grows once
