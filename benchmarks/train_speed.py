@@ -13,6 +13,7 @@
     python benchmarks/train_speed.py                    # fp32 and bf16 autocast: about 10 minutes on 2 cores
     python benchmarks/train_speed.py --quick            # a smoke test
     python benchmarks/train_speed.py --checkpoint runs/mnist --precisions fp32 --compile
+    python benchmarks/train_speed.py --presets small28 --override norm_groups=8 --no-samplers   # a variant
     python benchmarks/train_speed.py --device cuda --compile --num 1000 --batch 1000   # on a GPU
 """
 from __future__ import annotations
@@ -91,26 +92,37 @@ def preset_speeds(args) -> None:
     print("|---|---|---|---|---|---|---|")
     for name in args.presets.split(","):
         preset, image = PRESETS[name]
-        torch.manual_seed(0)
-        model = UNet(preset(num_classes=NUM_CLASSES)).to(DEVICE)
-        parameters = sum(p.numel() for p in model.parameters())
-        variants = [(precision, compiled) for precision in args.precisions.split(",")
-                    for compiled in ([False, True] if args.compile else [False])]
+        models = {}                                   # label -> model: the preset, then each --override of it
+        for label, overrides in [(name, {}), *((f"{name} {text}", parse_override(text)) for text in args.override)]:
+            torch.manual_seed(0)
+            models[label] = UNet(preset(num_classes=NUM_CLASSES, **overrides)).to(DEVICE)
+        variants = [(label, precision, compiled) for precision in args.precisions.split(",")
+                    for compiled in ([False, True] if args.compile else [False]) for label in models]
         train, sample, first = {}, {}, {}
-        for precision, compiled in variants:
-            key = (precision, compiled)
-            train[key] = train_step(model, image, args.batch, precision == "bf16", compiled)
-            sample[key] = forward_call(model, image, args.batch, precision == "bf16", compiled)
+        for key in variants:
+            label, precision, compiled = key
+            train[key] = train_step(models[label], image, args.batch, precision == "bf16", compiled)
+            sample[key] = forward_call(models[label], image, args.batch, precision == "bf16", compiled)
             start = time.perf_counter()
             train[key](), sample[key]()                          # warm-up, and compilation
             first[key] = time.perf_counter() - start
         train_times, sample_times = interleaved(train, args.rounds, DEVICE), interleaved(sample, args.rounds, DEVICE)
         for key in variants:
-            precision, compiled = key
-            print(f"| {name} | {parameters / 1e6:.2f} M | {precision} | {'yes' if compiled else 'no'} | "
+            label, precision, compiled = key
+            parameters = sum(p.numel() for p in models[label].parameters())
+            print(f"| {label} | {parameters / 1e6:.2f} M | {precision} | {'yes' if compiled else 'no'} | "
                   f"{args.batch / statistics.median(train_times[key]):.1f} ({args.batch / min(train_times[key]):.1f}) | "
                   f"{args.batch / statistics.median(sample_times[key]):.0f} | {first[key]:.1f} |", flush=True)
     print(f"\n{load()}")
+
+
+def parse_override(text: str) -> dict:
+    """'norm_groups=8' -> {"norm_groups": 8}: one UNetConfig field, an integer value."""
+    field, _, value = text.partition("=")
+    try:
+        return {field: int(value)}
+    except ValueError:
+        raise SystemExit(f"--override {text!r}: give FIELD=INTEGER, e.g. --override norm_groups=8") from None
 
 
 def sampler_table(args) -> None:
@@ -159,6 +171,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
     parser.add_argument("--quick", action="store_true", help="3 rounds and 8 images per sampler")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--override", action="append", default=[], metavar="FIELD=INT",
+                        help="also time each preset with this UNetConfig field changed, interleaved (repeatable)")
     parser.add_argument("--default-malloc", dest="malloc", action="store_false",
                         help="leave glibc's malloc as it is, instead of keep_freed_memory() as the CLI does")
     args = parser.parse_args()
