@@ -51,8 +51,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clone without installing
 from common import bench_device, interleaved, load  # noqa: E402  (benchmarks/common.py)
-from diffunet.allocator import keep_freed_memory  # noqa: E402
 from diffunet import UNet, UNetConfig  # noqa: E402
+from diffunet.allocator import keep_freed_memory  # noqa: E402
 
 DEVICE = torch.device("cpu")   # --device; set once in main()
 SHAPES = {"28": (UNetConfig.small28, (1, 28, 28)), "32": (UNetConfig.small32, (3, 32, 32))}

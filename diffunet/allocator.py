@@ -1,10 +1,11 @@
 """keep_freed_memory(): let glibc's malloc reuse freed activation buffers instead of handing them back.
 
-By default glibc serves every block above a dynamic threshold (128 KiB to start) with a fresh mmap and
-returns it to the kernel on free. A training step frees and reallocates its activations every step,
-so each step maps new pages that the kernel must zero-fill on first touch: about 40,000 page faults a
-step for small28 at batch 64, 6-13% of a CPU training step (see benchmarks/README.md). Keeping freed
-blocks of up to 32 MiB in the heap turns that into reuse, for a few percent more peak resident memory.
+By default glibc serves large blocks with fresh mmaps and trims free memory off the top of its heap,
+both of which return pages to the kernel on free. A training step frees and reallocates its
+activations every step, so each step maps pages anew that the kernel must zero-fill on first touch:
+30,000-110,000 page faults a step for the presets at batch 64 (benchmarks/README.md, "The allocator").
+Keeping freed blocks of up to 32 MiB in the heap turns that into reuse: 1.09-1.16x the training
+images/s, for a few percent more peak resident memory.
 
 The CLI calls it at start-up; code that imports the package may call it once. Elsewhere (musl, macOS,
 Windows) it does nothing. jemalloc or tcmalloc preloaded with LD_PRELOAD do the same job.
