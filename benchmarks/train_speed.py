@@ -13,7 +13,7 @@
     python benchmarks/train_speed.py                    # fp32 and bf16 autocast: about 10 minutes on 2 cores
     python benchmarks/train_speed.py --quick            # a smoke test
     python benchmarks/train_speed.py --checkpoint runs/mnist --precisions fp32 --compile
-    python benchmarks/train_speed.py --presets small28 --override norm_groups=8 --no-samplers   # a variant
+    python benchmarks/train_speed.py --presets small28 --override norm_groups=2 --no-samplers   # a variant
     python benchmarks/train_speed.py --device cuda --compile --num 1000 --batch 1000   # on a GPU
 """
 from __future__ import annotations
@@ -117,12 +117,12 @@ def preset_speeds(args) -> None:
 
 
 def parse_override(text: str) -> dict:
-    """'norm_groups=8' -> {"norm_groups": 8}: one UNetConfig field, an integer value."""
+    """'norm_groups=2' -> {"norm_groups": 2}: one UNetConfig field, an integer value."""
     field, _, value = text.partition("=")
     try:
         return {field: int(value)}
     except ValueError:
-        raise SystemExit(f"--override {text!r}: give FIELD=INTEGER, e.g. --override norm_groups=8") from None
+        raise SystemExit(f"--override {text!r}: give FIELD=INTEGER, e.g. --override norm_groups=2") from None
 
 
 def sampler_table(args) -> None:
