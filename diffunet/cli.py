@@ -127,7 +127,7 @@ def run_sample(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .data import make_grid, save_image, to_uint8
     from .generate import generate
-    from .training import TrainConfig, pick_device
+    from .training import pick_device, run_sampling
     from samplers import NoiseSchedule
 
     if not 0 < args.num <= MAX_NUM_SAMPLES:
@@ -144,12 +144,11 @@ def run_sample(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} {path} is {'a file' if want == 'folder' else 'a folder'}; give a {want} path")
     device = pick_device(args.device)
     model, config = load_model(args.checkpoint, device=device)
-    train_cfg = config.get("train", {})
+    run_sampler, run_steps, run_guidance = run_sampling(config.get("train", {}))
     num_classes = config["model"].get("num_classes")
-    labels, guidance = _labels_and_guidance(args, num_classes, train_cfg.get("guidance", 1.0))
+    labels, guidance = _labels_and_guidance(args, num_classes, run_guidance)
     x0 = generate(model, NoiseSchedule.from_dict(config["schedule"]), args.num, tuple(config["image_shape"]),
-                  sampler=args.sampler or train_cfg.get("sampler", TrainConfig.sampler),
-                  steps=args.steps if args.steps is not None else train_cfg.get("sample_steps", TrainConfig.sample_steps),
+                  sampler=args.sampler or run_sampler, steps=args.steps if args.steps is not None else run_steps,
                   prediction=config["prediction"],
                   labels=labels, guidance=guidance, seed=args.seed, batch_size=args.batch_size,
                   device=device, progress=args.progress)

@@ -44,7 +44,7 @@ from .features import (ClassifierConfig, cached_classifier, class_entropy, class
                        memorisation_rate, nearest_distances)
 from .generate import generate
 from .likelihood import nll_bits_per_dim
-from .training import TrainConfig, pick_device
+from .training import pick_device, run_sampling
 
 MEMORISATION_QUANTILE = 0.01   # share of real test images under the memorisation threshold
 MAX_HELD_OUT = 10_000          # at most this many training images are held out when there is no test split
@@ -116,8 +116,8 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
     if not 0 <= nll_images <= len(real.test.images):
         raise UserError(f"--nll-images must be in 0..{len(real.test.images)}; got {nll_images}")
     schedule, prediction = NoiseSchedule.from_dict(config["schedule"]), config["prediction"]
-    sampler = sampler or train_config.get("sampler", TrainConfig.sampler)
-    steps = steps or train_config.get("sample_steps", TrainConfig.sample_steps)
+    run_sampler, run_steps, run_guidance = run_sampling(train_config)
+    sampler, steps = sampler or run_sampler, steps or run_steps
     if sampler not in samplers.SAMPLERS or not 1 <= steps <= schedule.num_timesteps:
         raise UserError(f"--sampler must be one of {', '.join(samplers.SAMPLERS)} and --steps in "
                         f"1..{schedule.num_timesteps}; got {sampler!r} with {steps} steps")
@@ -150,7 +150,7 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
     # Samples: one class per image in turn for a class-conditional model, with the run's guidance.
     started = time.perf_counter()
     labels = torch.arange(num) % num_classes if num_classes and not unconditional else None
-    guidance = (guidance if guidance is not None else train_config.get("guidance", 1.0)) if labels is not None else 1.0
+    guidance = (guidance if guidance is not None else run_guidance) if labels is not None else 1.0
     samples = to_uint8(generate(model, schedule, num, image_shape, sampler=sampler, steps=steps,
                                 prediction=prediction, labels=labels, guidance=guidance, seed=seed,
                                 batch_size=batch_size, device=device, progress=progress))

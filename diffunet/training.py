@@ -169,6 +169,14 @@ def batch_indices(num_images: int, global_batch: int, position: int, seed: int) 
     return permutation[offset * global_batch:(offset + 1) * global_batch]
 
 
+def run_sampling(train_config: dict) -> tuple[str, int, float]:
+    """A run's sampler, sampler steps and guidance scale from its stored TrainConfig dict; a field the
+    run predates takes TrainConfig's default. `diffunet sample` and `diffunet eval` fall back to these."""
+    defaults = TrainConfig()
+    return (train_config.get("sampler", defaults.sampler), train_config.get("sample_steps", defaults.sample_steps),
+            train_config.get("guidance", defaults.guidance))
+
+
 def pick_device(name: str) -> torch.device:
     """Resolve --device auto to cuda, then mps, then cpu."""
     if name == "auto":
