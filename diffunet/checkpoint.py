@@ -2,7 +2,7 @@
 
 A run folder (`diffunet train --out runs/NAME`) holds:
     config.json                 {"format_version", "diffunet_version", "model" (UNetConfig.to_dict()),
-                                 "schedule", "prediction", "train", ...}
+                                 and the run's settings: diffunet/run.py owns those keys}
     model.safetensors           EMA weights; the same config JSON sits in its metadata, so the file
                                 alone rebuilds the model
     training_state.safetensors  a nested dict (raw weights, EMA, optimizer, step, RNG states, data
@@ -180,7 +180,7 @@ def load_training_state(run_dir: str | Path) -> dict:
     if not run_dir.exists():
         raise CheckpointError(f"{run_dir} does not exist; {FIX_RUN}")
     if not path.is_file():
-        raise CheckpointError(f"{run_dir} holds no {STATE_FILE} to resume from; start the run without --resume")
+        raise CheckpointError(f"{run_dir} holds no {STATE_FILE} to resume from; train the run from the start")
     tensors, metadata = _read_safetensors(path)
     _check_format(metadata.get(META_FORMAT), path)
     try:

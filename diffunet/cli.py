@@ -107,28 +107,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .checkpoint import read_config
-    from .training import TrainConfig, train
+    from .training import TrainConfig, resume_config, train
 
     given = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("model_")}
     model_overrides = {k[len("model_"):]: v for k, v in vars(args).items() if k.startswith("model_")}
     cfg = TrainConfig(**given)
-    out = Path(cfg.out)
-    if cfg.resume and (out / "config.json").exists():
-        # Continue with the run's own settings; flags given now (e.g. --steps) take precedence.
-        stored = read_config(out)
-        cfg = TrainConfig(**{**stored["train"], **given})
-        model_overrides = {**stored["model"], **model_overrides}
+    if cfg.resume:  # continue with the run's own settings; flags given now (e.g. --steps) take precedence
+        cfg = resume_config(cfg.out, **{k: v for k, v in given.items() if k != "out"})
     run = train(cfg, model_overrides)
     print(f"done: {cfg.steps} steps; samples in {run / 'samples_latest.png'}, weights in {run / 'model.safetensors'}")
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
     from .data import make_grid, save_image, to_uint8
-    from .generate import generate
-    from .training import pick_device, run_sampling
-    from samplers import NoiseSchedule
+    from .run import load_run
+    from .training import pick_device
 
     if not 0 < args.num <= MAX_NUM_SAMPLES:
         raise UserError(f"--num must be between 1 and {MAX_NUM_SAMPLES}; got {args.num}")
@@ -142,18 +135,12 @@ def run_sample(args: argparse.Namespace) -> None:
     for flag, path, want in outputs:
         if path and Path(path).exists() and Path(path).is_dir() != (want == "folder"):  # found before sampling
             raise UserError(f"{flag} {path} is {'a file' if want == 'folder' else 'a folder'}; give a {want} path")
-    device = pick_device(args.device)
-    model, config = load_model(args.checkpoint, device=device)
-    run_sampler, run_steps, run_guidance = run_sampling(config.get("train", {}))
-    num_classes = config["model"].get("num_classes")
-    labels, guidance = _labels_and_guidance(args, num_classes, run_guidance)
-    x0 = generate(model, NoiseSchedule.from_dict(config["schedule"]), args.num, tuple(config["image_shape"]),
-                  sampler=args.sampler or run_sampler, steps=args.steps if args.steps is not None else run_steps,
-                  prediction=config["prediction"],
-                  labels=labels, guidance=guidance, seed=args.seed, batch_size=args.batch_size,
-                  device=device, progress=args.progress)
+    run = load_run(args.checkpoint, device=pick_device(args.device))
+    _check_label_and_guidance(args, run.num_classes)
+    x0 = run.sample(args.num, seed=args.seed, label=args.label, guidance=args.guidance, sampler=args.sampler,
+                    steps=args.steps, batch_size=args.batch_size, progress=args.progress)
     images = to_uint8(x0)                                                   # [N, C, H, W] uint8
-    save_image(make_grid(images, nrow=num_classes if labels is not None and args.label is None else None), args.out)
+    save_image(make_grid(images, nrow=run.num_classes if run.num_classes and args.label is None else None), args.out)
     if args.npz:
         arrays = images[:, 0].numpy() if images.shape[1] == 1 else images.numpy()
         buffer = io.BytesIO()
@@ -165,19 +152,15 @@ def run_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} samples to {args.out}")
 
 
-def _labels_and_guidance(args, num_classes: int | None, default_guidance: float):
-    """Labels for each image (one class per grid column by default) and the guidance scale."""
+def _check_label_and_guidance(args, num_classes: int | None) -> None:
+    """--label and --guidance errors in the words of the flags (Run.sample checks the same, in its own)."""
     if not num_classes:
         if args.label is not None:
             raise UserError("--label was given but this model is unconditional (trained without labels)")
         if args.guidance is not None:
             raise UserError("--guidance needs a class-conditional model; this one was trained without labels")
-        return None, 1.0
-    if args.label is not None and not 0 <= args.label < num_classes:
+    elif args.label is not None and not 0 <= args.label < num_classes:
         raise UserError(f"--label must be in 0..{num_classes - 1} for this model; got {args.label}")
-    labels = (torch.full((args.num,), args.label) if args.label is not None
-              else torch.arange(args.num) % num_classes)
-    return labels, args.guidance if args.guidance is not None else default_guidance
 
 
 def run_eval(args: argparse.Namespace) -> None:

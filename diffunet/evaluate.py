@@ -33,10 +33,8 @@ from pathlib import Path
 import torch
 
 import samplers
-from samplers import NoiseSchedule
 
 from .atomic import atomic_write_text
-from .checkpoint import load_model
 from .data import ImageData, load_data, to_uint8
 from .download import data_folder
 from .errors import DataError, UserError
@@ -44,7 +42,8 @@ from .features import (ClassifierConfig, cached_classifier, class_entropy, class
                        memorisation_rate, nearest_distances)
 from .generate import generate
 from .likelihood import nll_bits_per_dim
-from .training import pick_device, run_sampling
+from .run import load_run
+from .training import pick_device
 
 MEMORISATION_QUANTILE = 0.01   # share of real test images under the memorisation threshold
 MAX_HELD_OUT = 10_000          # at most this many training images are held out when there is no test split
@@ -102,11 +101,10 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
         classifier: the feature classifier's config (its steps mostly; cached per config and data).
     """
     device = torch.device(device)
-    model, config = load_model(checkpoint, device=device)
-    train_config = config.get("train", {})
-    source = data or train_config.get("data") or config.get("data_name")
+    run = load_run(checkpoint, device=device)
+    model, train_config, image_shape = run.model, run.train_config, run.image_shape
+    source = data or train_config.get("data") or run.data_name
     real = eval_data(source, train_config, progress)
-    image_shape = tuple(config["image_shape"])
     if tuple(real.test.images.shape[1:]) != image_shape:
         raise UserError(f"--data {source} has images of shape {tuple(real.test.images.shape[1:])} but the model "
                         f"makes {image_shape}; evaluate against the run's data")
@@ -115,16 +113,15 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
                         f"{len(real.test.images)} images); got {num}")
     if not 0 <= nll_images <= len(real.test.images):
         raise UserError(f"--nll-images must be in 0..{len(real.test.images)}; got {nll_images}")
-    schedule, prediction = NoiseSchedule.from_dict(config["schedule"]), config["prediction"]
-    run_sampler, run_steps, run_guidance = run_sampling(train_config)
-    sampler, steps = sampler or run_sampler, steps or run_steps
+    schedule, prediction = run.schedule, run.prediction
+    sampler, steps = sampler or run.sampler, steps or run.steps
     if sampler not in samplers.SAMPLERS or not 1 <= steps <= schedule.num_timesteps:
         raise UserError(f"--sampler must be one of {', '.join(samplers.SAMPLERS)} and --steps in "
                         f"1..{schedule.num_timesteps}; got {sampler!r} with {steps} steps")
     if nll_timesteps is not None and not 2 <= nll_timesteps <= schedule.num_timesteps:
         raise UserError(f"--nll-timesteps must be in 2..{schedule.num_timesteps} (this run's T); got {nll_timesteps}")
-    num_classes = config["model"].get("num_classes")
-    report = {"checkpoint": str(checkpoint), "step": config.get("step"), "data": source,
+    num_classes = run.num_classes
+    report = {"checkpoint": str(checkpoint), "step": run.step, "data": source,
               "reference": real.reference, "num": num, "seed": seed}
     order = torch.randperm(len(real.test.images), generator=torch.Generator().manual_seed(seed))  # the real draws
 
@@ -150,7 +147,7 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
     # Samples: one class per image in turn for a class-conditional model, with the run's guidance.
     started = time.perf_counter()
     labels = torch.arange(num) % num_classes if num_classes and not unconditional else None
-    guidance = (guidance if guidance is not None else run_guidance) if labels is not None else 1.0
+    guidance = (guidance if guidance is not None else run.guidance) if labels is not None else 1.0
     samples = to_uint8(generate(model, schedule, num, image_shape, sampler=sampler, steps=steps,
                                 prediction=prediction, labels=labels, guidance=guidance, seed=seed,
                                 batch_size=batch_size, device=device, progress=progress))

@@ -32,6 +32,7 @@ from .ema import ema_copy, ema_decay, ema_update
 from .errors import UserError
 from .generate import generate
 from .loss import PREDICTIONS, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS, training_loss
+from .run import check_continues, make_run_config, stored_model_fields, stored_train_config
 from .runlog import MetricsLog
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -169,12 +170,13 @@ def batch_indices(num_images: int, global_batch: int, position: int, seed: int) 
     return permutation[offset * global_batch:(offset + 1) * global_batch]
 
 
-def run_sampling(train_config: dict) -> tuple[str, int, float]:
-    """A run's sampler, sampler steps and guidance scale from its stored TrainConfig dict; a field the
-    run predates takes TrainConfig's default. `diffunet sample` and `diffunet eval` fall back to these."""
-    defaults = TrainConfig()
-    return (train_config.get("sampler", defaults.sampler), train_config.get("sample_steps", defaults.sample_steps),
-            train_config.get("guidance", defaults.guidance))
+def resume_config(out: str | Path, **changes) -> TrainConfig:
+    """The TrainConfig of the run in `out`, with `changes` (e.g. steps=4000) and resume=True: continue a
+    run with its own settings, `train(resume_config("runs/a", steps=4000))`. A field the run predates
+    takes its default; with no run in `out` yet this is TrainConfig(out=out, resume=True, **changes)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    stored = {k: v for k, v in stored_train_config(out).items() if k in known}
+    return TrainConfig(**{**stored, **changes, "out": str(out), "resume": True})
 
 
 def pick_device(name: str) -> torch.device:
@@ -228,7 +230,13 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
-    """Train a denoiser as `cfg` says; returns the run folder. Resumes when cfg.resume is set."""
+    """Train a denoiser as `cfg` says; returns the run folder.
+
+    With cfg.resume and a training state in cfg.out, continues that run with the stored architecture
+    (`model_overrides` on top) and refuses, with a CheckpointError naming the field, a config whose
+    model, schedule, prediction or image shape differs from the run's. `resume_config(out)` gives the
+    run's own TrainConfig.
+    """
     out = Path(cfg.out)
     rank, world, device = setup_distributed(pick_device(cfg.device))
     state = _resume_state(cfg, out)
@@ -239,8 +247,13 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                      progress=not cfg.quiet and rank == 0)
     images = data.images
     labels = data.labels if cfg.class_conditional else None
+    if state is not None:  # continue the stored architecture; overrides that change it are refused below
+        model_overrides = {**stored_model_fields(out), **(model_overrides or {})}
     model_cfg = model_config(cfg, data, model_overrides)
     schedule = make_schedule(cfg)
+    run_config = make_run_config(model_cfg, schedule, cfg.prediction, cfg.to_dict(), images.shape[1:], data.name)
+    if state is not None:
+        check_continues(out, run_config)  # same architecture, schedule, prediction and image shape
 
     # Model, EMA copy and optimizer.
     model = UNet(model_cfg).to(device)
@@ -258,9 +271,6 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
         noise_generator.set_state(state["rng"]["noise"][rank])
         restore_rng_states(state["rng"])
         step = saved_step = int(state["step"])
-    run_config = {"model": model_cfg.to_dict(), "schedule": schedule.to_dict(),
-                  "prediction": cfg.prediction, "train": cfg.to_dict(), "image_shape": list(images.shape[1:]),
-                  "num_classes": model_cfg.num_classes, "data_name": data.name}
     ddp_model = model
     if world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -386,8 +396,8 @@ def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
     """The saved training state when resuming; refuses to overwrite a run without --resume."""
     has_state = (out / "training_state.safetensors").exists()
     if has_state and not cfg.resume:
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it "
-                        f"or choose another --out")
+        raise UserError(f"{out} already holds a training run; set resume to continue it "
+                        f"or choose another output folder")
     return load_training_state(out) if has_state else None
 
 

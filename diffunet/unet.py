@@ -187,6 +187,19 @@ class UNet(nn.Module):
         # per convolution (12-14% of a CPU training step, fp32 and bf16). Inputs are converted in forward.
         self.to(memory_format=torch.channels_last)
 
+    @classmethod
+    def from_pretrained(cls, path, device: str | torch.device = "cpu") -> UNet:
+        """The network alone from a run folder or a `.safetensors` file (config from the file; no arguments).
+
+        Args:
+            path: a run folder written by `diffunet train`, or a weights file saved by `save_model`.
+            device: where to put the model.
+        Returns:
+            the UNet in eval mode (a run's EMA weights). `diffunet.load_run` also gives its schedule.
+        """
+        from .checkpoint import load_model  # here, so that this file imports only torch, einops and layers
+        return load_model(path, device=device)[0]
+
     # ---- construction: channel bookkeeping happens here, once ----
     def _block(self, in_channels: int, out_channels: int) -> nn.Module:
         cfg = self.config

@@ -346,7 +346,7 @@ def test_missing_path_and_not_a_run_folder(tmp_path):
     raises_one_line("neither a run folder nor a .safetensors file", load_model, tmp_path / "notes.txt")
     (tmp_path / "config.json").write_text(json.dumps({"format_version": 1, "model": TINY}))
     raises_one_line("no model.safetensors", load_model, tmp_path)
-    raises_one_line("no training_state.safetensors .* without --resume", load_training_state, tmp_path)
+    raises_one_line("no training_state.safetensors .* from the start", load_training_state, tmp_path)
 
 
 def test_truncated_or_corrupt_files(tmp_path):

@@ -1,0 +1,169 @@
+"""A run folder as one object: `load_run(path)` reads it, `make_run_config(...)` writes its config.json.
+
+This module owns the run folder's layout: the CLI, `eval`, training and user code read and write a
+run's config through it, never by string keys into `config.json`. The files themselves (safetensors
+weights, JSON, the resumable state) are `checkpoint.py`'s:
+
+    run = diffunet.load_run("runs/mnist")
+    images = run.sample(16, seed=0)          # [16, C, H, W] in [-1, 1], as `diffunet sample` draws them
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from samplers import NoiseSchedule
+
+from .checkpoint import CONFIG_FILE, MODEL_FILE, load_model, read_config
+from .errors import CheckpointError, UserError
+from .generate import generate
+from .unet import UNet, UNetConfig
+
+# How a run whose stored train config predates the sampling fields is sampled (TrainConfig's defaults).
+LEGACY_SAMPLING = {"sampler": "ddpm", "sample_steps": 50, "guidance": 1.0}
+
+
+def make_run_config(model_config: UNetConfig, schedule: NoiseSchedule, prediction: str, train_config: dict,
+               image_shape: tuple[int, ...], data_name: str | None) -> dict:
+    """The config.json of a run: what `load_run` reads back (checkpoint.save_model adds the format version)."""
+    return {"model": model_config.to_dict(), "schedule": schedule.to_dict(), "prediction": prediction,
+            "train": train_config, "image_shape": list(image_shape), "num_classes": model_config.num_classes,
+            "data_name": data_name}
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run: the EMA network, its noise schedule and the settings it samples with."""
+    path: Path                          # the run folder (or weights file) it was loaded from
+    model: UNet = field(repr=False)     # EMA weights from model.safetensors, in eval mode
+    config: UNetConfig                  # the network's architecture
+    schedule: NoiseSchedule             # the noise schedule it was trained with
+    prediction: str                     # what the network predicts: eps | x0 | v
+    image_shape: tuple[int, int, int]   # (C, H, W) of the training images
+    num_classes: int | None             # labels 0..num_classes-1; None = unconditional
+    train_config: dict                  # the stored TrainConfig dict
+    sampler: str                        # the run's default sampler (ddpm | ddim | dpmpp_2m)
+    steps: int                          # its default number of sampler steps
+    guidance: float                     # its default classifier-free guidance scale
+    step: int | None                    # optimizer steps behind these weights
+    data_name: str | None               # the dataset it was trained on
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def labels(self, num: int, label: int | None = None) -> Tensor | None:
+        """[num] labels: `label` for every image, else one class per image in turn; None when unconditional."""
+        if not self.num_classes:
+            if label is not None:
+                raise UserError(f"a label was given but {self.path} is unconditional (trained without labels)")
+            return None
+        if label is not None and not 0 <= label < self.num_classes:
+            raise UserError(f"label must be in 0..{self.num_classes - 1} for {self.path}; got {label}")
+        return torch.full((num,), label) if label is not None else torch.arange(num) % self.num_classes
+
+    def sample(self, num: int, seed: int = 0, label: int | None = None, guidance: float | None = None,
+               sampler: str | None = None, steps: int | None = None, batch_size: int = 64,
+               progress: bool = False) -> Tensor:
+        """Draw `num` images; image i depends only on (seed, i), as in `diffunet sample`.
+
+        Args:
+            label: class of every image; None gives one class per image in turn (0, 1, 2, ...).
+            guidance, sampler, steps: None takes the run's own (see `Run.guidance` etc.).
+        Returns:
+            float tensor [num, C, H, W] on the CPU, in [-1, 1].
+        """
+        labels = self.labels(num, label)
+        if labels is None and guidance is not None:
+            raise UserError(f"guidance needs a class-conditional model; {self.path} was trained without labels")
+        return generate(self.model, self.schedule, num, self.image_shape, sampler=sampler or self.sampler,
+                        steps=steps if steps is not None else self.steps, prediction=self.prediction,
+                        labels=labels, guidance=(guidance if guidance is not None else self.guidance)
+                        if labels is not None else 1.0,
+                        seed=seed, batch_size=batch_size, device=self.device, progress=progress)
+
+
+def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
+    """Load a run written by `diffunet train` (its folder or its model.safetensors).
+
+    Args:
+        path: the run folder, or a weights file whose config holds the run's settings.
+        device: where to put the model.
+    Returns:
+        The `Run`, its model in eval mode on `device`.
+    Raises:
+        CheckpointError: not a run, or one whose config lacks a schedule, prediction or image shape.
+    """
+    model, config = load_model(path, device=device)
+    train_config = config.get("train", {})
+    try:
+        schedule = NoiseSchedule.from_dict(_section(config, "schedule", path))
+        image_shape = tuple(int(size) for size in _section(config, "image_shape", path))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the run config of {path} is invalid ({error}); "
+                              f"restore the config.json written with the run") from None
+    if len(image_shape) != 3:
+        raise CheckpointError(f"the run config of {path} has image_shape {list(image_shape)}, not [C, H, W]; "
+                              f"restore the config.json written with the run")
+    return Run(path=Path(path), model=model, config=model.config, schedule=schedule,
+               prediction=_section(config, "prediction", path), image_shape=image_shape,
+               num_classes=model.config.num_classes, train_config=train_config,
+               sampler=train_config.get("sampler", LEGACY_SAMPLING["sampler"]),
+               steps=train_config.get("sample_steps", LEGACY_SAMPLING["sample_steps"]),
+               guidance=train_config.get("guidance", LEGACY_SAMPLING["guidance"]),
+               step=config.get("step"), data_name=config.get("data_name"))
+
+
+# ---- continuing a run --------------------------------------------------------------------------
+
+def stored_train_config(path: str | Path) -> dict:
+    """The TrainConfig dict stored in the run folder `path`; {} when no run config is there yet."""
+    if not (Path(path) / CONFIG_FILE).is_file() and not (Path(path) / MODEL_FILE).is_file():
+        return {}
+    return dict(read_config(path).get("train", {}))
+
+
+def stored_model_fields(path: str | Path) -> dict:
+    """The UNetConfig fields of the run in `path` (the architecture a resumed run must keep)."""
+    return dict(read_config(path)["model"])
+
+
+def check_continues(path: str | Path, config: dict) -> None:
+    """Refuse to resume the run in `path` with a `make_run_config(...)` dict that trains a different model.
+
+    The architecture, the noise schedule, the prediction target and the image shape must be the run's.
+
+    Raises:
+        CheckpointError: naming the first field that differs.
+    """
+    stored = read_config(path)
+    fix = "keep the run's value, or train a new run in another folder"
+    try:  # fields a run predates take their defaults, as when loading it
+        sections = {"model": UNetConfig.from_dict(stored["model"]).to_dict()}
+        if "schedule" in stored:
+            sections["schedule"] = NoiseSchedule.from_dict(stored["schedule"]).to_dict()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the run config of {path} is invalid ({error}); "
+                              f"restore the config.json written with the run") from None
+    for section, old in sections.items():
+        new = config[section]
+        for key in sorted(set(old) | set(new), key=lambda key: (key != "kind", key)):  # a schedule's kind first
+            if old.get(key) != new.get(key):
+                raise CheckpointError(f"cannot resume {path}: {section} field {key} is {new.get(key)!r} here but "
+                                      f"{old.get(key)!r} in the run; {fix}")
+    for key in ("prediction", "image_shape"):
+        if key in stored and stored[key] != config[key]:
+            raise CheckpointError(f"cannot resume {path}: {key} is {config[key]!r} here but {stored[key]!r} "
+                                  f"in the run; {fix}")
+
+
+def _section(config: dict, key: str, path: str | Path) -> Any:
+    """config[key], or a CheckpointError saying the weights carry no run settings."""
+    if key not in config:
+        raise CheckpointError(f"{path} has no {key!r} in its config, so it holds a network, not a run; "
+                              f"load it with UNet.from_pretrained, or pass a folder written by `diffunet train`")
+    return config[key]
