@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluate import add_eval_arguments
     add_eval_arguments(commands.add_parser("eval", help="bits/dim, FD with its real-vs-real floor, "
                                                         "class entropy and memorisation of a run"))
+    from .inpaint import add_inpaint_arguments
+    add_inpaint_arguments(commands.add_parser("inpaint", help="fill in the masked part of an image (RePaint); "
+                                                              "mask WHITE = KEEP"))
     return parser
 
 
@@ -183,7 +186,8 @@ def _message(error: Exception, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()   # reuse activation buffers step after step instead of page-faulting them in anew
-    commands = {"train": run_train, "sample": run_sample, "eval": run_eval}
+    from .inpaint import run_inpaint
+    commands = {"train": run_train, "sample": run_sample, "eval": run_eval, "inpaint": run_inpaint}
     try:
         commands[args.command](args)
     except (UserError, ValueError, OSError) as error:  # OSError: full disk, missing folder, no permission

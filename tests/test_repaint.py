@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from samplers import NoiseSchedule, randn
-from samplers.repaint import _jump_schedule, repaint
+from samplers.repaint import _alpha_sigma, _jump_schedule, repaint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -130,6 +130,14 @@ def test_jump_schedule_matches_the_papers_appendix():
     assert _jump_schedule(5, 2, 1) == [4, 3, 2, 1, 0, -1]                             # resamples=1: no jumps
 
 
+def test_alpha_sigma_falls_back_to_alpha_bar_for_schedules_without_it():
+    schedule = NoiseSchedule.cosine(100)
+    older = type("OlderSchedule", (), {"alpha_bar": schedule.alpha_bar})()             # no alpha_sigma method
+    for t in (0, 37, 99):
+        assert _alpha_sigma(older, torch.tensor(t)) == pytest.approx(_alpha_sigma(schedule, torch.tensor(t)), abs=1e-15)
+    assert _alpha_sigma(schedule, None) == (1.0, 0.0)                                   # the clean data
+
+
 @pytest.mark.parametrize("mask_shape", [(2, 1, 8, 12), (1, 1, 8, 12), (2, 3, 8, 12)])
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
 def test_known_region_is_kept_exactly_and_seeded_runs_repeat(mask_shape, prediction):
@@ -188,3 +196,98 @@ def test_progress_bar_goes_to_stderr(capsys):
     x = torch.zeros(1, 1, 2, 2)
     repaint(lambda x, t: x, x, schedule, x, torch.ones(1, 1, 2, 2), 4, jump_length=2, resamples=2, progress=True)
     assert "repaint" in capsys.readouterr().err
+
+
+# ---- diffunet inpaint ----------------------------------------------------------------------------------
+
+HEIGHT, WIDTH, K = 8, 12, 3
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Two random tiny runs saved as `diffunet train` would: unconditional and 2-class; an image; a mask."""
+    from PIL import Image
+
+    from diffunet import UNet, UNetConfig
+    from diffunet.checkpoint import save_model
+
+    root = tmp_path_factory.mktemp("inpaint")
+    runs = {}
+    for name, num_classes in (("plain", None), ("labelled", 2)):
+        torch.manual_seed(0)
+        model = UNet(UNetConfig(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                                norm_groups=4, mid_attention=False, zero_init=False, num_classes=num_classes))
+        runs[name] = root / name
+        save_model(runs[name], model, extra_config={"schedule": NoiseSchedule.linear(100).to_dict(),
+                                                    "prediction": "eps", "image_shape": [1, HEIGHT, WIDTH]})
+    pixels = torch.randint(0, 256, (HEIGHT, WIDTH), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    Image.fromarray(pixels.numpy()).save(root / "image.png")
+    keep = torch.zeros(HEIGHT, WIDTH, dtype=torch.uint8)
+    keep[:, : WIDTH // 2] = 255                                                       # white = keep the left half
+    Image.fromarray(keep.numpy()).save(root / "mask.png")
+    Image.fromarray(keep.numpy()[:, :-2]).save(root / "small_mask.png")
+    Image.fromarray(pixels.numpy()[:-2]).save(root / "small_image.png")
+    return runs, root, pixels, keep
+
+
+def read_tiles(path, count):
+    """The `count` tiles [count, H, W] of a one-row grid PNG (2-pixel padding)."""
+    from PIL import Image
+
+    grid = torch.from_numpy(__import__("numpy").asarray(Image.open(path)).copy())
+    assert grid.shape == (HEIGHT + 4, count * (WIDTH + 2) + 2)
+    return torch.stack([grid[2:2 + HEIGHT, 2 + i * (WIDTH + 2):2 + i * (WIDTH + 2) + WIDTH] for i in range(count)])
+
+
+def inpaint(run, root, out, *extra):
+    from diffunet.cli import main
+
+    return main(["inpaint", "--checkpoint", str(run), "--image", str(root / "image.png"), "--mask",
+                 str(root / "mask.png"), "--out", str(out), "--num", str(K), "--steps", "6", "--jump-length", "2",
+                 "--resamples", "2", "--device", "cpu", "--no-progress", *extra])
+
+
+def test_inpaint_cli_writes_original_mask_and_completions_that_keep_the_white_part(tiny_runs, tmp_path):
+    runs, root, pixels, keep = tiny_runs
+    assert inpaint(runs["plain"], root, tmp_path / "a.png", "--seed", "3") == 0
+    tiles = read_tiles(tmp_path / "a.png", K + 2)
+    assert torch.equal(tiles[0], pixels) and torch.equal(tiles[1], keep)
+    kept = keep == 255
+    for completion in tiles[2:]:
+        assert torch.equal(completion[kept], pixels[kept])                            # exactly the original
+    assert not torch.equal(tiles[2][~kept], tiles[3][~kept])                          # K different fill-ins
+    assert inpaint(runs["plain"], root, tmp_path / "b.png", "--seed", "3") == 0
+    assert torch.equal(read_tiles(tmp_path / "b.png", K + 2), tiles)                 # seeded: repeats exactly
+
+
+def test_inpaint_cli_binds_label_and_guidance(tiny_runs, tmp_path, capsys):
+    runs, root, _, _ = tiny_runs
+    assert inpaint(runs["labelled"], root, tmp_path / "a.png", "--label", "1", "--guidance", "2") == 0
+    assert inpaint(runs["labelled"], root, tmp_path / "b.png", "--label", "0", "--guidance", "2") == 0
+    assert not torch.equal(read_tiles(tmp_path / "a.png", K + 2), read_tiles(tmp_path / "b.png", K + 2))
+    assert inpaint(runs["plain"], root, tmp_path / "c.png", "--label", "1") == 1
+    assert "unconditional" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, file, message", [
+    ("--mask", "small_mask.png", "--mask .*small_mask.png is 10x8 but the model makes 12x8 images; resize or crop"),
+    ("--image", "small_image.png", "--image .*small_image.png is 12x6 but the model makes 12x8 images"),
+    ("--mask", "missing.png", "does not exist"),
+    ("--resamples", "0", "--resamples must be a positive integer"),
+])
+def test_inpaint_cli_refuses_bad_input_in_one_line(tiny_runs, tmp_path, capsys, flag, file, message):
+    runs, root, _, _ = tiny_runs
+    value = file if file[0].isdigit() else str(root / file)
+    assert inpaint(runs["plain"], root, tmp_path / "out.png", flag, value) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffunet inpaint: error: ")
+    assert __import__("re").search(message, err)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_inpaint_help_states_the_mask_convention(capsys):
+    from diffunet.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["inpaint", "--help"])
+    assert "WHITE = KEEP" in capsys.readouterr().out
