@@ -16,13 +16,14 @@ def repaint(model: Denoiser, x: Tensor, schedule: NoiseSchedule, known: Tensor, 
             jump_length: int = 10, resamples: int = 10, prediction: str = "eps", clip_x0: float | None = None,
             generator: Generators = None, progress: bool = False) -> Tensor:
     """RePaint (Lugmayr et al. 2022, "RePaint: Inpainting using Denoising Diffusion Probabilistic Models", Algorithm 1):
-    ancestral sampling in which, at every step t -> s, the two regions are drawn separately and joined,
-        x_s^known   ~ q(x_s | x0 = known) = N(alpha_s known, sigma_s^2 I)                       (eq. 8a)
-        x_s^unknown ~ q(x_s | x_t, x0_hat) = N(mean, var), with alpha_ts = alpha_t / alpha_s,
-            sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2,                                     (Kingma et al. 2021,
-            mean = alpha_ts sigma_s^2 / sigma_t^2 x_t + alpha_s sigma_ts^2 / sigma_t^2 x0_hat,  eqs. 32-34)
-            var = sigma_ts^2 sigma_s^2 / sigma_t^2                                             (eq. 8b)
-        x_s = mask * x_s^known + (1 - mask) * x_s^unknown                                      (eq. 8c)
+    ancestral sampling in which, at every step t -> s (s less noisy), the two regions are drawn apart and joined:
+        x_s^known   ~ q(x_s | x0 = known) = N(alpha_s known, sigma_s^2 I)                          (eq. 8a)
+        x_s^unknown ~ q(x_s | x_t, x0_hat) = N(mean, var I)                                        (eq. 8b)
+        x_s = mask * x_s^known + (1 - mask) * x_s^unknown                                          (eq. 8c)
+    with the posterior in alpha/sigma form (Kingma et al. 2021, "Variational Diffusion Models", eqs. 32-34):
+        alpha_ts = alpha_t / alpha_s,  sigma_ts^2 = sigma_t^2 - alpha_ts^2 sigma_s^2,
+        mean = alpha_ts sigma_s^2 / sigma_t^2 x_t + alpha_s sigma_ts^2 / sigma_t^2 x0_hat,
+        var = sigma_ts^2 sigma_s^2 / sigma_t^2.
     Resampling (sec. 4.2 and the appendix's jump schedule): after descending `jump_length` steps to a
     grid point j = 0, J, 2J, ..., x is diffused back up J steps with q(x_t | x_s) = N(alpha_ts x_s,
     sigma_ts^2 I) and the segment descended again, so each segment is traversed `resamples` times and the
