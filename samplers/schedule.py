@@ -16,15 +16,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]  # out = model(x_t, t), t a [B] long tensor of indices
-PREDICTIONS = ("eps", "x0", "v")
-SPACINGS = ("trailing", "leading", "linspace")
+from .path import PREDICTIONS, Denoiser, GaussianPath  # noqa: F401  (re-exported)
+
+SPACINGS = ("trailing", "leading", "linspace", "karras")
 MAX_BETA = 0.999  # cap for schedules defined through alpha_bar (Nichol & Dhariwal 2021, sec. 3.2)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
-class NoiseSchedule:
-    """A discrete noise schedule beta_0 ... beta_{T-1} and what follows from it (float64, CPU)."""
+class NoiseSchedule(GaussianPath):
+    """A discrete variance-preserving schedule beta_0 ... beta_{T-1} and what follows from it (float64, CPU).
+    Model time t is the index 0 ... T-1; alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)."""
 
     betas: Tensor                                # [T] in (0, 1]: variance added at each step
     recipe: dict = field(default_factory=dict)   # how it was built ({} = from raw betas); see to_dict
@@ -94,6 +95,13 @@ class NoiseSchedule:
         """Any schedule given as T betas in (0, 1] (a sequence or tensor)."""
         return cls(torch.as_tensor(betas, dtype=torch.float64))
 
+    @staticmethod
+    def rectified_flow(shift: float = 1.0):
+        """The rectified-flow path alpha = 1 - tau, sigma = tau (Liu et al. 2023), model time t = 1000 tau;
+        `shift` warps the sampling grid as in Esser et al. 2024 (SD3, eq. 23). See `samplers.flow`."""
+        from .flow import RectifiedFlow
+        return RectifiedFlow(shift)
+
     def rescale_zero_terminal_snr(self) -> NoiseSchedule:
         """Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1):
         shift sqrt(alpha_bar) so its last value is 0 and scale it so its first is kept. Returns a new
@@ -132,45 +140,10 @@ class NoiseSchedule:
         alpha_bar = self.alpha_bar[self._check_timesteps(t)]
         return alpha_bar / (1 - alpha_bar)
 
-    def add_noise(self, x0: Tensor, t, noise: Tensor) -> Tensor:
-        """Draw from q(x_t | x0) (Ho et al. 2020, eq. 4): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
-        alpha, sigma = self._alpha_sigma(t, x0)
-        return alpha * x0 + sigma * noise
-
-    def training_target(self, x0: Tensor, noise: Tensor, t, prediction: str) -> Tensor:
-        """What a model of kind `prediction` should output: eps, x0, or
-        v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022, sec. 4)."""
-        _check_prediction(prediction)
-        if prediction == "eps":
-            return noise
-        if prediction == "x0":
-            return x0
-        alpha, sigma = self._alpha_sigma(t, x0)
-        return alpha * noise - sigma * x0
-
-    def to_eps_x0(self, model_output: Tensor, x_t: Tensor, t, prediction: str,
-                  clip_x0: float | None = None) -> tuple[Tensor, Tensor]:
-        """Turn a model output of any kind into (eps, x0), using x_t = alpha_t x0 + sigma_t eps:
-            eps: x0 = (x_t - sigma_t eps) / alpha_t                        (Ho et al. 2020, eq. 15)
-            x0:  eps = (x_t - alpha_t x0) / sigma_t
-            v:   x0 = alpha_t x_t - sigma_t v,  eps = sigma_t x_t + alpha_t v  (Salimans & Ho 2022, sec. 4)
-        With clip_x0 = c, x0 is clipped to [-c, c] and eps re-derived from it, so both stay consistent with x_t.
-        """
-        _check_prediction(prediction)
-        alpha, sigma = self._alpha_sigma(t, x_t)
-        if prediction == "eps":
-            if (self.alpha_bar[self._check_timesteps(t)] == 0).any():
-                raise ValueError("an eps-prediction cannot give x0 where alpha_bar = 0 (zero terminal SNR); "
-                                 "train and sample with prediction='v' or 'x0'")
-            eps, x0 = model_output, (x_t - sigma * model_output) / alpha
-        elif prediction == "x0":
-            eps, x0 = (x_t - alpha * model_output) / sigma, model_output
-        else:
-            eps, x0 = sigma * x_t + alpha * model_output, alpha * x_t - sigma * model_output
-        if clip_x0 is not None:
-            x0 = x0.clamp(-clip_x0, clip_x0)
-            eps = (x_t - alpha * x0) / sigma
-        return eps, x0
+    def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
+        """alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) for integer indices t, float64 on the CPU."""
+        alpha_bar = self.alpha_bar[self._check_timesteps(t)]
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
     def posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t) -> tuple[Tensor, Tensor, Tensor]:
         """q(x_{t-1} | x_t, x0) = N(mean, variance I) (Ho et al. 2020, eqs. 6-7):
@@ -191,8 +164,11 @@ class NoiseSchedule:
         """`steps` descending index timesteps for a sampler (Lin et al. 2024, Table 2):
             trailing: round(T - i T / steps) - 1, always starts at T-1 (the default);
             leading:  i * (T // steps), as in DDIM; ends at 0 and never reaches T-1;
-            linspace: round(linspace(T-1, 0, steps)), both ends included.
-        Returns a long tensor [steps]."""
+            linspace: round(linspace(T-1, 0, steps)), both ends included;
+            karras:   Karras et al. 2022's rho = 7 grid (`karras_timesteps`), each point rounded to the
+                      nearest index in log sigma/alpha, as k-diffusion does for discrete models;
+                      repeated indices at the low-noise end are dropped, so it may give fewer steps.
+        Returns a long tensor [steps] (at most `steps` for karras)."""
         T = self.num_timesteps
         if not (isinstance(steps, int) and 1 <= steps <= T):
             raise ValueError(f"steps must be an integer in 1..{T} (the schedule's num_timesteps); got {steps!r}")
@@ -202,9 +178,21 @@ class NoiseSchedule:
             values = [i * (T // steps) for i in reversed(range(steps))]
         elif spacing == "linspace":
             values = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+        elif spacing == "karras":
+            values = list(dict.fromkeys(self.karras_timesteps(steps).long().tolist()))
         else:
             raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}; got {spacing!r}")
         return torch.tensor(values, dtype=torch.long)
+
+    def sigma_tilde_range(self) -> tuple[float, float]:
+        """sigma / alpha at index 0 and at T-1 (inf under zero terminal SNR)."""
+        first, last = self.alpha_bar[0].item(), self.alpha_bar[-1].item()
+        return math.sqrt((1 - first) / first), math.sqrt((1 - last) / last) if last > 0 else math.inf
+
+    def time_from_sigma_tilde(self, sigma_tilde: Tensor) -> Tensor:
+        """The index whose log(sigma / alpha) is nearest to each value (long [N])."""
+        table = 0.5 * ((1 - self.alpha_bar).log() - self.alpha_bar.log())              # [T], increasing
+        return (table[None, :] - sigma_tilde.log()[:, None]).abs().argmin(dim=1)
 
     # ---- serialisation ------------------------------------------------------------------------
 
@@ -216,10 +204,13 @@ class NoiseSchedule:
     def from_dict(cls, d: dict) -> NoiseSchedule:
         """Rebuild a schedule from `to_dict()` output; unknown kinds or keys raise ValueError."""
         d = dict(d)
+        if d.get("kind") == "rectified_flow":
+            from .flow import RectifiedFlow
+            return RectifiedFlow.from_dict(d)
         kind, zero_terminal_snr = d.pop("kind", None), d.pop("zero_terminal_snr", False)
         constructors = {"linear": cls.linear, "cosine": cls.cosine, "sigmoid": cls.sigmoid, "betas": cls.from_betas}
         if kind not in constructors:
-            raise ValueError(f"schedule kind must be one of {', '.join(constructors)}; got {kind!r}")
+            raise ValueError(f"schedule kind must be one of {', '.join(constructors)}, rectified_flow; got {kind!r}")
         unknown = set(d) - set(inspect.signature(constructors[kind]).parameters)
         if unknown:
             raise ValueError(f"unknown keys for a {kind} schedule: {', '.join(sorted(unknown))}; remove them")
@@ -250,10 +241,6 @@ class NoiseSchedule:
             picked = picked.reshape(-1, *([1] * (like.dim() - 1)))
         return picked.to(device=like.device, dtype=like.dtype)
 
-    def _alpha_sigma(self, t, like: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t), computed in float64, cast like `like`."""
-        return self._at(self.alpha_bar.sqrt(), t, like), self._at((1 - self.alpha_bar).sqrt(), t, like)
-
 
 def _betas_from_alpha_bar(alpha_bar: Callable[[Tensor], Tensor], num_timesteps: int) -> Tensor:
     """[T] betas with prod (1 - beta) following alpha_bar(u) / alpha_bar(0) at u = (t + 1) / T, capped at MAX_BETA."""
@@ -265,8 +252,3 @@ def _betas_from_alpha_bar(alpha_bar: Callable[[Tensor], Tensor], num_timesteps: 
 def _check_num_timesteps(num_timesteps: int) -> None:
     if not (isinstance(num_timesteps, int) and num_timesteps >= 1):
         raise ValueError(f"num_timesteps must be a positive integer; got {num_timesteps!r}")
-
-
-def _check_prediction(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}; got {prediction!r}")
