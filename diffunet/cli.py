@@ -1,4 +1,4 @@
-"""`diffunet train | sample | eval`: the command line. Flags are generated from the config dataclasses.
+"""`diffunet train | sample | eval | inpaint | export`: the command line. Flags come from the config dataclasses.
 
 Every error a user can cause ends in one line on stderr and a non-zero exit, never a traceback.
 """
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .inpaint import add_inpaint_arguments
     add_inpaint_arguments(commands.add_parser("inpaint", help="fill in the masked part of an image (RePaint); "
                                                               "mask WHITE = KEEP"))
+    from .export import add_export_arguments
+    add_export_arguments(commands.add_parser("export", help="write a run's model as an ONNX file"))
     return parser
 
 
@@ -186,8 +188,10 @@ def _message(error: Exception, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()   # reuse activation buffers step after step instead of page-faulting them in anew
+    from .export import run_export
     from .inpaint import run_inpaint
-    commands = {"train": run_train, "sample": run_sample, "eval": run_eval, "inpaint": run_inpaint}
+    commands = {"train": run_train, "sample": run_sample, "eval": run_eval, "inpaint": run_inpaint,
+                "export": run_export}
     try:
         commands[args.command](args)
     except (UserError, ValueError, OSError) as error:  # OSError: full disk, missing folder, no permission
