@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="draw images from a trained run")
     sample.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
     sample.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
-    sample.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m (default: the run's)")
+    sample.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun (default: the run's)")
     sample.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
     sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
     sample.add_argument("--out", default="samples.png", help="grid PNG to write")

@@ -55,15 +55,18 @@ class TrainConfig:
     grad_clip: float = 1.0              # max global gradient norm; 0 disables clipping
     ema_max_decay: float = 0.999        # EMA decay after warmup; samples use the EMA weights
     ema_warmup: bool = True             # ramp the EMA decay up from 0 (Karras-style warmup)
-    schedule: str = "linear"            # noise schedule: linear | cosine | sigmoid (linear: lower FD on MNIST)
+    schedule: str = "linear"            # path: linear | cosine | sigmoid (VP) | rectified_flow (linear: lower FD on MNIST)
+    flow_shift: float = 1.0             # rectified_flow: SD3 shift of the sampling grid (Esser et al. 2024, eq. 23)
     num_timesteps: int = 1000           # T, diffusion steps
     zero_terminal_snr: bool = False     # rescale so alpha_bar[T-1] = 0 (Lin et al. 2024); needs v or x0
-    prediction: str = "v"               # what the network predicts: eps | x0 | v
+    prediction: str = "v"               # what the network predicts: eps | x0 | v | flow (eps - x0)
     loss_weighting: str = "none"        # none (plain v-MSE: far better bits/dim, same FD) | min_snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0          # gamma of min-SNR weighting
-    timestep_sampling: str = "uniform"  # uniform t (Ho et al. 2020) | lognormal log-SNR (Karras et al. 2022)
+    timestep_sampling: str = "uniform"  # uniform t | lognormal log-SNR (Karras et al. 2022) | logit_normal (SD3)
     logsnr_mean: float = 1.0            # lognormal: mean of the training log-SNR (EDM's P_mean for std-1 data)
     logsnr_std: float = 2.4             # lognormal: its standard deviation (EDM's 2 x P_std)
+    logit_mean: float = 0.0             # logit_normal: mean of logit(t / T) (SD3's rf/lognorm(0, 1))
+    logit_std: float = 1.0              # logit_normal: its standard deviation
     class_conditional: bool = True      # use labels when the data has them
     label_dropout: float = 0.1          # probability of dropping a label (trains the guidance branch)
     precision: str = "auto"             # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
@@ -74,14 +77,14 @@ class TrainConfig:
     save_every: int = 250               # steps between resumable checkpoints
     sample_every: int = 500             # steps between sample grids (also written at the end)
     num_samples: int = 64               # images in each grid
-    sampler: str = "ddpm"               # grids, `sample` and `eval`: ddpm | ddim | dpmpp_2m (ddpm: lowest FD)
+    sampler: str = "ddpm"               # grids, `sample` and `eval`: ddpm | ddim | dpmpp_2m | euler | heun (ddpm: lowest FD)
     sample_steps: int = 50              # sampler steps (dpmpp_2m 20 is 2.5x faster, FD 2.04x floor vs 1.82x)
     guidance: float = 1.0               # classifier-free guidance for grids (1.0: lowest FD; > 1: bolder, less varied)
     quiet: bool = False                 # no progress bar
     resume: bool = False                # continue the run in `out` if it has a training state
 
     def __post_init__(self):
-        choices = {"lr_schedule": ("cosine", "constant"), "schedule": ("linear", "cosine", "sigmoid"),
+        choices = {"lr_schedule": ("cosine", "constant"), "schedule": ("linear", "cosine", "sigmoid", "rectified_flow"),
                    "prediction": PREDICTIONS, "loss_weighting": WEIGHTINGS, "timestep_sampling": TIMESTEP_DISTRIBUTIONS,
                    "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda", "mps"),
                    "sampler": tuple(samplers.SAMPLERS), "preset": tuple(PRESETS)}
@@ -99,13 +102,17 @@ class TrainConfig:
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3; got {self.channels}")
         for name in ("lr", "weight_decay", "adam_beta2", "grad_clip", "ema_max_decay", "min_snr_gamma",
-                     "logsnr_mean", "logsnr_std", "label_dropout", "guidance"):
+                     "logsnr_mean", "logsnr_std", "logit_mean", "logit_std", "flow_shift", "label_dropout", "guidance"):
             if not math.isfinite(getattr(self, name)):  # nan or inf, e.g. --lr 1e999
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number; got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_max_decay < 1 and 0 <= self.label_dropout < 1):
             raise ValueError("need --lr > 0, 0 <= --ema-max-decay < 1 and 0 <= --label-dropout < 1")
-        if not self.logsnr_std > 0:
-            raise ValueError(f"--logsnr-std must be positive; got {self.logsnr_std}")
+        if not (self.logsnr_std > 0 and self.logit_std > 0 and self.flow_shift > 0):
+            raise ValueError(f"--logsnr-std, --logit-std and --flow-shift must be positive; got {self.logsnr_std}, "
+                             f"{self.logit_std} and {self.flow_shift}")
+        if self.schedule == "rectified_flow" and (self.prediction == "eps" or self.zero_terminal_snr):
+            raise ValueError("--schedule rectified_flow reaches pure noise at t = 1000, where eps gives no x0: use "
+                             "--prediction flow, v or x0 (and no --zero-terminal-snr, which is for VP schedules)")
         if not 0 <= self.adam_beta2 < 1:
             raise ValueError(f"--adam-beta2 must be in [0, 1); got {self.adam_beta2}")
         if self.lr > 1e3 or not 0 <= self.lr * self.weight_decay < 1:  # AdamW overflows float32, or flips weights
@@ -138,6 +145,8 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 def make_schedule(cfg: TrainConfig) -> NoiseSchedule:
     """The noise schedule named by the config."""
+    if cfg.schedule == "rectified_flow":
+        return NoiseSchedule.rectified_flow(cfg.flow_shift)
     schedule = getattr(NoiseSchedule, cfg.schedule)(cfg.num_timesteps)
     return schedule.rescale_zero_terminal_snr() if cfg.zero_terminal_snr else schedule
 
@@ -303,6 +312,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                     loss = training_loss(forward, x0, schedule, prediction=cfg.prediction,
                                          weighting=cfg.loss_weighting, min_snr_gamma=cfg.min_snr_gamma,
                                          timestep_sampling=cfg.timestep_sampling, logsnr_mean=cfg.logsnr_mean,
+                                         logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
                                          logsnr_std=cfg.logsnr_std, y=y, generator=noise_generator).mean()
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum

@@ -29,6 +29,11 @@ class RectifiedFlow(GaussianPath):
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise ValueError(f"shift must be a positive number (1 = no shift, SD3 uses 3); got {self.shift}")
 
+    @property
+    def num_timesteps(self) -> int:
+        """The model-time scale, 1000 (t = 1000 tau); also the most steps the CLI lets a sampler take."""
+        return int(TIME_SCALE)
+
     def alpha_sigma(self, t) -> tuple[Tensor, Tensor]:
         """alpha = 1 - t / 1000, sigma = t / 1000 for model times t in [0, 1000], float64 on the CPU."""
         tau = torch.as_tensor(t).detach().cpu().to(torch.float64) / TIME_SCALE

@@ -168,3 +168,41 @@ def test_rectified_flow_rejects_bad_times_and_spacing():
         NoiseSchedule.from_dict({"kind": "rectified_flow", "sigma_max": 3})
     with pytest.raises(ValueError, match="heun|steps"):
         heun(gaussian(flow), torch.zeros(1, 1, 1, 1), flow, 0)
+
+
+# ---- training and sampling a flow run through the package ---------------------------------------------
+
+def test_flow_losses_draw_continuous_times_and_reach_the_flow_target():
+    from diffunet.loss import draw_timesteps, min_snr_weight, training_loss
+    flow, generator = NoiseSchedule.rectified_flow(), torch.Generator().manual_seed(0)
+    for distribution in ("uniform", "logit_normal", "lognormal"):
+        t = draw_timesteps(flow, 4000, distribution, generator=generator)
+        assert t.is_floating_point() and 0 <= t.min() and t.max() <= 1000
+    tau = draw_timesteps(flow, 20000, "logit_normal", generator=generator).double() / 1000
+    logit = (tau / (1 - tau)).log()
+    assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03     # SD3's lognorm(0, 1)
+    # x0 ~ N(0, 1) with its exact velocity: E[loss | tau] = Var(u | x_tau) = 1 / ((1 - tau)^2 + tau^2),
+    # whose mean over tau ~ U(0, 1) is pi / 2 (predicting u = 0 would give 2)
+    x0 = torch.randn(8192, 1, 2, 2, dtype=torch.float64, generator=generator)
+    exact = gaussian(flow, "flow", mu=0.0, s=1.0)
+    loss = training_loss(lambda x, t: exact(x.double(), t), x0, flow, prediction="flow", generator=generator)
+    assert loss.shape == (8192,) and abs(loss.mean().item() - math.pi / 2) < 0.04
+    snr = torch.tensor([0.0, 1.0, 100.0], dtype=torch.float64)
+    torch.testing.assert_close(min_snr_weight(snr, "flow", 5.0), torch.tensor([0.0, 0.25, 5 / 121], dtype=torch.float64))
+
+
+def test_flow_run_trains_and_samples_from_the_cli(tmp_path, tiny_npz, capsys):
+    from helpers import FAST, TINY
+
+    from diffunet.cli import main
+    run = tmp_path / "flow"
+    assert main(["train", "--data", str(tiny_npz), *TINY, *FAST, "--steps", "3", "--out", str(run), "--schedule", "rectified_flow", "--prediction", "flow",
+                 "--timestep-sampling", "logit_normal", "--sampler", "heun", "--sample-steps", "4"]) == 0
+    config = (run / "config.json").read_text()
+    assert '"rectified_flow"' in config and '"flow"' in config
+    for sampler in ("euler", "heun", "dpmpp_2m", "ddpm", "ddim"):
+        assert main(["sample", "--checkpoint", str(run), "--num", "4", "--sampler", sampler, "--steps", "3",
+                     "--out", str(tmp_path / f"{sampler}.png")]) == 0
+    assert main(["train", "--data", str(tiny_npz), *TINY, "--out", str(tmp_path / "bad"), "--schedule", "rectified_flow",
+                 "--prediction", "eps"]) != 0
+    assert "rectified_flow" in capsys.readouterr().err
