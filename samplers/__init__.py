@@ -18,6 +18,7 @@ from .guidance import guided
 from .heun import heun
 from .noise import randn
 from .path import PREDICTIONS, GaussianPath
+from .repaint import repaint
 from .schedule import Denoiser, NoiseSchedule
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}
@@ -32,4 +33,4 @@ def sample(model: Denoiser, x: Tensor, schedule: GaussianPath, method: str = "dp
 
 
 __all__ = ["NoiseSchedule", "RectifiedFlow", "GaussianPath", "PREDICTIONS", "ddpm", "ddim", "dpmpp_2m", "euler",
-           "heun", "sample", "SAMPLERS", "guided", "randn"]
+           "heun", "repaint", "sample", "SAMPLERS", "guided", "randn"]
