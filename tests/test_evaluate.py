@@ -330,3 +330,17 @@ def test_eval_data_policy(tmp_path, monkeypatch):
         real = eval_data("builtin", {})
         assert len(real.test.images) == 10_000 and len(real.labelled.images) == 60_000
         assert len(real.train.images) == 10_000 and real.reference.startswith("MNIST test set")
+
+
+def test_eval_on_a_flow_run_says_why_it_has_no_bits_per_dim(tiny_run, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFUNET_DATA", str(tiny_run / "cache"))
+    run = tiny_run / "flow_run"
+    assert main(["train", "--data", str(tiny_run / "digits.npz"), "--out", str(run), "--steps", "2", *TINY,
+                 "--schedule", "rectified_flow", "--prediction", "flow", "--sampler", "euler", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--num", "30", "--nll-images", "3", "--classifier-steps", "20",
+                 "--steps", "2", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((run / "eval.json").read_text())
+    assert "nll" not in report and "rectified_flow" in report["nll_unavailable"]
+    assert "no bits/dim" in table and report["fd"]["value"] > 0 and report["samples"]["sampler"] == "euler"
