@@ -37,6 +37,9 @@ from .runlog import MetricsLog
 from .unet import PRESETS, UNet, UNetConfig
 
 
+PROBE_STEPS = (5, 25)  # --minutes: the time per step is measured between these steps
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "builtin"               # builtin (shipped MNIST subset) | mnist | fashion-mnist | PATH
@@ -45,6 +48,8 @@ class TrainConfig:
     image_size: int | None = None       # resize + centre-crop folder images; None keeps the native size
     channels: int | None = None         # 1 or 3; None = what the data has
     steps: int = 2000                   # optimizer steps (2000 x 32 = 64k images: better than 1000 x 64)
+    minutes: float | None = None        # train for about this many minutes instead: `steps` is fixed from the
+                                        # speed of steps 5-25 and stored (minutes -> None), so resume stays exact
     batch_size: int = 32                # images per step per process (before gradient accumulation)
     grad_accum: int = 1                 # micro-batches per optimizer step
     lr: float = 2e-3                    # peak AdamW learning rate
@@ -97,6 +102,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise ValueError(f"--minutes must be a positive number of minutes; got {self.minutes}")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"--image-size must be positive; got {self.image_size}")
         if self.channels not in (None, 1, 3):
@@ -247,6 +254,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     run's own TrainConfig.
     """
     out = Path(cfg.out)
+    started = time.perf_counter()                 # --minutes counts from here: data loading included
     rank, world, device = setup_distributed(pick_device(cfg.device))
     state = _resume_state(cfg, out)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -292,7 +300,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     log = MetricsLog(out / "metrics.jsonl", up_to_step=step) if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, disable=cfg.quiet or rank != 0, desc="train", unit="step")
     last_time, images_since = time.perf_counter(), 0
-    loss_sum, loss_count = 0.0, 0
+    loss_sum, loss_count, probe_times = 0.0, 0, []
     model.train()
     interrupt = _defer_ctrl_c()
     try:
@@ -325,6 +333,13 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
             # EMA weights give visibly cleaner samples; sample from them.
             ema_update(ema, model, ema_decay(step, cfg.ema_max_decay) if cfg.ema_warmup else cfg.ema_max_decay)
             step += 1
+            if cfg.minutes is not None and state is None and step in PROBE_STEPS:
+                probe_times.append(time.perf_counter())
+                if step == PROBE_STEPS[1]:  # fix the step count now, before the cosine decay depends on it
+                    cfg = _steps_for_budget(cfg, started, probe_times, world, device)
+                    run_config = make_run_config(model_cfg, schedule, cfg.prediction, cfg.to_dict(), images.shape[1:],
+                                                 data.name)
+                    bar.total = cfg.steps
             loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
             images_since += cfg.batch_size * cfg.grad_accum * world
             bar.update(1)
@@ -360,6 +375,18 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     if world > 1:
         dist.barrier()
     return out
+
+
+def _steps_for_budget(cfg: TrainConfig, started: float, probe_times: list[float], world: int,
+                      device: torch.device) -> TrainConfig:
+    """The config with `steps` fixed so that the run ends about cfg.minutes after `started`, from the time
+    per step between PROBE_STEPS (step 1 pays one-off costs); minutes -> None. All ranks agree (rank 0's)."""
+    per_step = (probe_times[1] - probe_times[0]) / (PROBE_STEPS[1] - PROBE_STEPS[0])
+    remaining = cfg.minutes * 60 - (time.perf_counter() - started)
+    steps = torch.tensor([PROBE_STEPS[1] + max(0, int(remaining / per_step))], device=device)
+    if world > 1:
+        dist.broadcast(steps, src=0)
+    return dataclasses.replace(cfg, steps=int(steps.item()), minutes=None)
 
 
 def _defer_ctrl_c() -> dict:

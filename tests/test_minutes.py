@@ -1,0 +1,35 @@
+"""--minutes: the step count is fixed from the speed of the first steps and stored, so resume stays exact."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from helpers import FAST, TINY
+
+from diffunet.cli import main
+from diffunet.training import PROBE_STEPS, TrainConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
+
+def test_minutes_fixes_and_stores_the_step_count(tmp_path, tiny_npz):
+    run = tmp_path / "budget"
+    started = time.perf_counter()
+    assert main(["train", "--data", str(tiny_npz), *TINY, *FAST, "--out", str(run), "--minutes", "0.1",
+                 "--save-every", "1000", "--sample-every", "1000"]) == 0
+    elapsed = time.perf_counter() - started
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert train["minutes"] is None and train["steps"] > PROBE_STEPS[1]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == train["steps"]                         # trained exactly the stored count
+    assert 2 < elapsed < 30                                           # about 6 s of training, grids on top
+    # resuming the finished run continues the stored count, with no new probe
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == train["steps"]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
+def test_minutes_must_be_positive(bad):
+    with pytest.raises(ValueError, match="--minutes"):
+        TrainConfig(minutes=bad)
