@@ -72,6 +72,7 @@ class TrainConfig:
     logsnr_std: float = 2.4             # lognormal: its standard deviation (EDM's 2 x P_std)
     logit_mean: float = 0.0             # logit_normal: mean of logit(t / T) (SD3's rf/lognorm(0, 1))
     logit_std: float = 1.0              # logit_normal: its standard deviation
+    flip: bool = False                  # random horizontal flips (off for digits and text, on for faces, emoji, ...)
     class_conditional: bool = True      # use labels when the data has them
     label_dropout: float = 0.1          # probability of dropping a label (trains the guidance branch)
     precision: str = "auto"             # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
@@ -314,6 +315,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                 index = batch_indices(len(images), cfg.batch_size * world, position, cfg.seed)
                 index = index[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
                 x0 = to_model_range(images[index]).to(device, non_blocking=True)
+                if cfg.flip:  # each image mirrored with probability 1/2, drawn from the saved generator
+                    x0 = random_flip(x0, noise_generator)
                 y = _drop_labels(labels[index], cfg.label_dropout, noise_generator, device) if labels is not None else None
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 with autocast, (ddp_model.no_sync() if not sync else contextlib.nullcontext()):
@@ -375,6 +378,12 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     if world > 1:
         dist.barrier()
     return out
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[B, C, H, W] with each image mirrored left-right with probability 1/2 (draws on the generator's device)."""
+    mirror = torch.rand(len(x), generator=generator, device=generator.device) < 0.5
+    return torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def _steps_for_budget(cfg: TrainConfig, started: float, probe_times: list[float], world: int,

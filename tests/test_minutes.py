@@ -1,4 +1,4 @@
-"""--minutes: the step count is fixed from the speed of the first steps and stored, so resume stays exact."""
+"""--minutes (the step count fixed from the speed of the first steps and stored, so resume stays exact) and --flip."""
 from __future__ import annotations
 
 import json
@@ -33,3 +33,20 @@ def test_minutes_fixes_and_stores_the_step_count(tmp_path, tiny_npz):
 def test_minutes_must_be_positive(bad):
     with pytest.raises(ValueError, match="--minutes"):
         TrainConfig(minutes=bad)
+
+
+def test_random_flip_mirrors_about_half_and_keeps_the_rest():
+    import torch
+
+    from diffunet.training import random_flip
+    x = torch.arange(400 * 6, dtype=torch.float32).reshape(400, 1, 2, 3)
+    out = random_flip(x, torch.Generator().manual_seed(0))
+    mirrored = (out == x.flip(-1)).flatten(1).all(1)
+    assert ((out == x).flatten(1).all(1) | mirrored).all()
+    assert 160 < mirrored.sum() < 240                                   # Binomial(400, 1/2): mean 200, sd 10
+
+
+def test_flip_flag_trains_and_resumes(tmp_path, tiny_npz):
+    run = tmp_path / "flip"
+    assert main(["train", "--data", str(tiny_npz), *TINY, *FAST, "--out", str(run), "--steps", "2", "--flip"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["flip"] is True
