@@ -47,7 +47,7 @@ class ImageData:
 
 def load_data(source: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None,
               split: str = "train", cache_dir: str | os.PathLike | None = None,
-              progress: bool = True) -> ImageData:
+              progress: bool = True, alpha_background: int = 0) -> ImageData:
     """Load a dataset as one uint8 tensor.
 
     Args:
@@ -59,6 +59,8 @@ def load_data(source: str | os.PathLike, *, image_size: int | None = None, chann
         split: "train" or "test"; "test" needs a source that has one (mnist sets, npz with x_test).
         cache_dir: folder for the full mnist sets (default $DIFFUNET_DATA, else ~/.cache/diffunet).
         progress: show tqdm bars while downloading or decoding.
+        alpha_background: gray level 0..255 that transparent pixels are composited on when the
+            result has no alpha channel (0 = black, 255 = white).
 
     Returns:
         ImageData with images uint8 [N, C, H, W].
@@ -70,6 +72,8 @@ def load_data(source: str | os.PathLike, *, image_size: int | None = None, chann
         raise DataError(f"--channels must be 1 (gray), 3 (RGB) or 4 (RGBA); got {channels!r}")
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test'; got {split!r}")
+    if isinstance(alpha_background, bool) or not isinstance(alpha_background, int) or not 0 <= alpha_background <= 255:
+        raise DataError(f"--alpha-background must be a gray level in 0..255 (0 black, 255 white); got {alpha_background!r}")
     name = os.fspath(source)
     if name == "builtin":
         if split != "train":
@@ -83,13 +87,13 @@ def load_data(source: str | os.PathLike, *, image_size: int | None = None, chann
         if not path.exists():
             raise DataError(f"data path {path} does not exist; {SOURCES_HINT}")
         if path.is_dir():
-            return _load_folder(path, image_size, channels, split, progress)
+            return _load_folder(path, image_size, channels, split, progress, alpha_background)
         if path.suffix.lower() not in (".npz", ".npy"):
             raise DataError(f"{path} is neither a folder nor an .npz/.npy file; {SOURCES_HINT}")
         images, labels = _read_arrays(path, split)
         name, class_names = path.stem, None
     images = _channels_last(images, name)
-    images = _convert_channels(images, channels or (1 if _is_gray(images) else 3))
+    images = _convert_channels(images, channels or (1 if _is_gray(images) else 3), alpha_background)
     if image_size is not None and images.shape[1:3] != (image_size, image_size):
         images = np.stack([_resize_crop(image, image_size) for image in images])
     return _image_data(images, labels, name, class_names)
@@ -163,10 +167,11 @@ def _is_gray(images: np.ndarray) -> bool:
     return bool((images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all())
 
 
-def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+def _convert_channels(images: np.ndarray, channels: int, background: int = 0) -> np.ndarray:
     """uint8 [..., C] with C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA -> [..., channels].
 
-    Without a target alpha, alpha is composited over black: c * alpha / 255. RGB -> gray uses the
+    Without a target alpha, alpha is composited over the gray level `background`:
+    (c * alpha + background * (255 - alpha)) / 255. RGB -> gray uses the
     ITU-R 601 luma weights (0.299, 0.587, 0.114), as Pillow's convert("L") does.
     """
     has_alpha = images.shape[-1] in (2, 4)
@@ -177,7 +182,7 @@ def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
         return np.concatenate([rgb, alpha], axis=-1)
     if has_alpha:
         alpha = images[..., -1:].astype(np.uint32)
-        color = ((color.astype(np.uint32) * alpha + 127) // 255).astype(np.uint8)
+        color = ((color.astype(np.uint32) * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8)
     if channels == 1 and color.shape[-1] == 3:
         luma = color.astype(np.uint32) @ np.array([299, 587, 114], dtype=np.uint32)
         return ((luma + 500) // 1000).astype(np.uint8)[..., None]
@@ -201,7 +206,7 @@ def _resize_crop(image: np.ndarray, size: int) -> np.ndarray:
 # --- image folders --------------------------------------------------------------------------------
 
 def _load_folder(folder: Path, image_size: int | None, channels: int | None, split: str,
-                 progress: bool) -> ImageData:
+                 progress: bool, alpha_background: int = 0) -> ImageData:
     """All images under `folder`; labels from subfolders when there are two or more."""
     if split != "train":
         raise DataError("an image folder has no test split; point the data path at the test folder instead")
@@ -233,7 +238,7 @@ def _load_folder(folder: Path, image_size: int | None, channels: int | None, spl
                             f"{path.name} is {width}x{height}); pass --image-size N to resize and crop them")
         images.append(image)
     target = channels or (1 if all(image.shape[-1] <= 2 for image in images) else 3)
-    images = [_convert_channels(image, target) for image in images]
+    images = [_convert_channels(image, target, alpha_background) for image in images]
     labels = None
     if len(class_names) > 1:  # one subfolder is just a wrapper, not a class
         index = {name: i for i, name in enumerate(class_names)}

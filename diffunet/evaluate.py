@@ -61,7 +61,7 @@ class EvalData:
 def eval_data(source: str, train_config: dict, progress: bool = False) -> EvalData:
     """The real images an evaluation compares against (see the module docstring for the policy)."""
     options = {"image_size": train_config.get("image_size"), "channels": train_config.get("channels"),
-               "progress": progress}
+               "alpha_background": train_config.get("alpha_background", 0), "progress": progress}
     train = load_data(source, **options)
     if source == "builtin" and (data_folder() / "mnist.npz").is_file():
         return EvalData(train, load_data("mnist", split="test", **options), load_data("mnist", **options),

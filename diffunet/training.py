@@ -47,6 +47,7 @@ class TrainConfig:
     preset: str = "small28"             # UNet preset name (see diffunet.PRESETS); --model-* flags override
     image_size: int | None = None       # resize + centre-crop folder images; None keeps the native size
     channels: int | None = None         # 1 or 3; None = what the data has
+    alpha_background: int = 0           # gray level (0 black .. 255 white) that transparent images are composited on
     steps: int = 2000                   # optimizer steps (2000 x 32 = 64k images: better than 1000 x 64)
     minutes: float | None = None        # train for about this many minutes instead: `steps` is fixed from the
                                         # speed of steps 5-25 and stored (minutes -> None), so resume stays exact
@@ -107,6 +108,9 @@ class TrainConfig:
             raise ValueError(f"--minutes must be a positive number of minutes; got {self.minutes}")
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"--image-size must be positive; got {self.image_size}")
+        if not 0 <= self.alpha_background <= 255:
+            raise ValueError(f"--alpha-background must be a gray level in 0..255 (0 black, 255 white); "
+                             f"got {self.alpha_background}")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3; got {self.channels}")
         for name in ("lr", "weight_decay", "adam_beta2", "grad_clip", "ema_max_decay", "min_snr_gamma",
@@ -261,7 +265,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
     # Data: one uint8 tensor in memory; batches are sliced from it, not decoded per step.
-    data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels,
+    data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, alpha_background=cfg.alpha_background,
                      progress=not cfg.quiet and rank == 0)
     images = data.images
     labels = data.labels if cfg.class_conditional else None

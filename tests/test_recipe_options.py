@@ -1,4 +1,5 @@
-"""--minutes (the step count fixed from the speed of the first steps and stored, so resume stays exact) and --flip."""
+"""--minutes (the step count fixed from the speed of the first steps and stored, so resume stays exact),
+--flip and --alpha-background."""
 from __future__ import annotations
 
 import json
@@ -50,3 +51,21 @@ def test_flip_flag_trains_and_resumes(tmp_path, tiny_npz):
     run = tmp_path / "flip"
     assert main(["train", "--data", str(tiny_npz), *TINY, *FAST, "--out", str(run), "--steps", "2", "--flip"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["flip"] is True
+
+
+@pytest.mark.parametrize("background", [0, 255, 128])
+def test_alpha_background_composites_transparent_pixels(tmp_path, background):
+    import numpy as np
+    from PIL import Image
+
+    from diffunet.data import load_data
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+        rgba[:2] = (200, 10, 10, 255)                                   # opaque red top half, transparent bottom
+        Image.fromarray(rgba, "RGBA").save(tmp_path / name / "x.png")
+    images = load_data(tmp_path, alpha_background=background, progress=False).images      # [2, 3, 4, 4]
+    assert images.shape == (2, 3, 4, 4)
+    assert images[:, :, 2:].eq(background).all() and images[:, 0, :2].eq(200).all()
+    with pytest.raises(ValueError, match="--alpha-background"):
+        TrainConfig(alpha_background=300)
