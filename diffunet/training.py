@@ -44,7 +44,7 @@ PROBE_STEPS = (5, 25)  # --minutes: the time per step is measured between these 
 class TrainConfig:
     data: str = "builtin"               # builtin (shipped MNIST subset) | mnist | fashion-mnist | PATH
     out: str = "runs/default"           # run folder: checkpoints, grids, metrics
-    preset: str = "small28"             # UNet preset name (see diffunet.PRESETS); --model-* flags override
+    preset: str = "auto"                # auto (from the data: see choose_preset) | a diffunet.PRESETS name; --model-* override
     image_size: int | None = None       # resize + centre-crop folder images; None keeps the native size
     channels: int | None = None         # 1 or 3; None = what the data has
     alpha_background: int = 0           # gray level (0 black .. 255 white) that transparent images are composited on
@@ -94,7 +94,7 @@ class TrainConfig:
         choices = {"lr_schedule": ("cosine", "constant"), "schedule": ("linear", "cosine", "sigmoid", "rectified_flow"),
                    "prediction": PREDICTIONS, "loss_weighting": WEIGHTINGS, "timestep_sampling": TIMESTEP_DISTRIBUTIONS,
                    "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda", "mps"),
-                   "sampler": tuple(samplers.SAMPLERS), "preset": tuple(PRESETS)}
+                   "sampler": tuple(samplers.SAMPLERS), "preset": ("auto", *PRESETS)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
@@ -163,11 +163,25 @@ def make_schedule(cfg: TrainConfig) -> NoiseSchedule:
     return schedule.rescale_zero_terminal_snr() if cfg.zero_terminal_snr else schedule
 
 
+def choose_preset(image_shape: tuple[int, ...]) -> tuple[str, str]:
+    """`--preset auto`: (preset name, why) for [C, H, W] images. Gray images get small28 (built for 28x28;
+    it runs at any size divisible by 4), colour up to 40 pixels small32, larger colour small64."""
+    channels, height, width = image_shape
+    size = max(height, width)
+    if channels == 1:
+        return "small28", f"gray {height}x{width} images: small28 (sized for 28x28 on a CPU)"
+    if size <= 40:
+        return "small32", f"colour {height}x{width} images: small32 (sized for 32x32 on a CPU)"
+    return "small64", f"colour {height}x{width} images: small64 (sized for 64x64 on a CPU)"
+
+
 def model_config(cfg: TrainConfig, data: ImageData, overrides: dict | None = None) -> UNetConfig:
-    """The preset, sized to the data's channels and classes, with user overrides applied."""
+    """The preset (chosen from the data for "auto"), sized to the data's channels and classes, with user
+    overrides applied."""
     num_classes = data.num_classes if cfg.class_conditional else None
     fields = {"in_channels": data.images.shape[1], "num_classes": num_classes, **(overrides or {})}
-    config = PRESETS[cfg.preset](**fields)
+    preset = choose_preset(tuple(data.images.shape[1:]))[0] if cfg.preset == "auto" else cfg.preset
+    config = PRESETS[preset](**fields)
     channels = data.images.shape[1]
     if config.in_channels != channels or (config.out_channels or channels) != channels:
         raise UserError(f"the data has {channels} channel(s) but the model takes {config.in_channels} and predicts "
@@ -274,6 +288,10 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     model_cfg = model_config(cfg, data, model_overrides)
     schedule = make_schedule(cfg)
     run_config = make_run_config(model_cfg, schedule, cfg.prediction, cfg.to_dict(), images.shape[1:], data.name)
+    if cfg.preset == "auto":  # say what was chosen and why, in config.json and on the console
+        run_config["preset_choice"] = choose_preset(tuple(images.shape[1:]))
+        if rank == 0 and not cfg.quiet:
+            print(f"--preset auto: {run_config['preset_choice'][1]}", flush=True)
     if state is not None:
         check_continues(out, run_config)  # same architecture, schedule, prediction and image shape
 
@@ -344,8 +362,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                 probe_times.append(time.perf_counter())
                 if step == PROBE_STEPS[1]:  # fix the step count now, before the cosine decay depends on it
                     cfg = _steps_for_budget(cfg, started, probe_times, world, device)
-                    run_config = make_run_config(model_cfg, schedule, cfg.prediction, cfg.to_dict(), images.shape[1:],
-                                                 data.name)
+                    run_config = {**run_config, "train": cfg.to_dict()}
                     bar.total = cfg.steps
             loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
             images_since += cfg.batch_size * cfg.grad_accum * world

@@ -144,8 +144,16 @@ class UNetConfig:
             norm_groups=8), **overrides)
 
 
+    @classmethod
+    def small64(cls, **overrides) -> UNetConfig:
+        """A CPU-sized denoiser for 3x64x64 images: 64 -> 32 -> 16 -> 8, attention only at 8x8."""
+        return dataclasses.replace(cls(
+            in_channels=3, base_channels=32, channel_mults=(1, 2, 2, 4), num_res_blocks=1, attention_levels=(3,),
+            num_heads=1, norm_groups=8), **overrides)
+
+
 PRESETS: dict[str, Callable[..., UNetConfig]] = {
-    "small28": UNetConfig.small28, "small32": UNetConfig.small32,
+    "small28": UNetConfig.small28, "small32": UNetConfig.small32, "small64": UNetConfig.small64,
     "ddpm_cifar10": UNetConfig.ddpm_cifar10, "ronneberger2015": UNetConfig.ronneberger2015}
 
 

@@ -69,3 +69,25 @@ def test_alpha_background_composites_transparent_pixels(tmp_path, background):
     assert images[:, :, 2:].eq(background).all() and images[:, 0, :2].eq(200).all()
     with pytest.raises(ValueError, match="--alpha-background"):
         TrainConfig(alpha_background=300)
+
+
+def test_preset_auto_follows_the_data_and_says_why(tmp_path, tiny_npz):
+    from diffunet import PRESETS
+    from diffunet.training import choose_preset
+    assert choose_preset((1, 28, 28))[0] == "small28" and choose_preset((1, 12, 16))[0] == "small28"
+    assert choose_preset((3, 32, 32))[0] == "small32" and choose_preset((3, 64, 64))[0] == "small64"
+    assert "gray 28x28" in choose_preset((1, 28, 28))[1]
+    assert PRESETS["small64"]().in_channels == 3 and TrainConfig().preset == "auto"
+    run = tmp_path / "auto"
+    assert main(["train", "--data", str(tiny_npz), *TINY, *FAST, "--out", str(run), "--steps", "1"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["preset"] == "auto" and config["preset_choice"][0] == "small28"
+
+
+def test_small64_preset_runs_at_64x64():
+    import torch
+
+    from diffunet import UNet, UNetConfig
+    model = UNet(UNetConfig.small64(num_classes=3))
+    out = model(torch.randn(2, 3, 64, 64), torch.tensor([3, 700]), y=torch.tensor([0, -1]))
+    assert out.shape == (2, 3, 64, 64)

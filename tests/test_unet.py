@@ -238,11 +238,11 @@ def test_channels_last_input_and_model():
 
 # ---- presets and config ----
 def test_presets_and_their_sizes():
-    assert set(PRESETS) == {"small28", "small32", "ddpm_cifar10", "ronneberger2015"}
+    assert set(PRESETS) == {"small28", "small32", "small64", "ddpm_cifar10", "ronneberger2015"}
     with torch.device("meta"):
         counts = {name: count_parameters(UNet(preset())) for name, preset in PRESETS.items()}
     assert counts["ddpm_cifar10"] == 35_746_307           # Ho et al. 2020: "35.7 million parameters"
-    assert 1e6 <= counts["small28"] <= 5e6 and 1e6 <= counts["small32"] <= 5e6
+    assert 1e6 <= counts["small28"] <= 5e6 and 1e6 <= counts["small32"] <= 5e6 and 1e6 <= counts["small64"] <= 5e6
     config = PRESETS["small28"](num_classes=10)
     assert (config.in_channels, config.num_classes, config.base_channels) == (1, 10, 32)
     assert UNetConfig.ddpm_cifar10(dropout=0.0) == UNetConfig.ddpm_cifar10().__class__(
