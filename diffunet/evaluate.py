@@ -18,8 +18,9 @@ Which real data: the run's own (`--data` overrides). A source with a test split 
 fashion-mnist, an .npz with x_test) is used as it is. The built-in set is the first 10,000 MNIST
 training digits, so when full MNIST is on disk its test set is the reference and the classifier is
 the full-MNIST one (the same feature space as for `--data mnist` runs); otherwise, and for any
-source without a test split, the last fifth of the training images (at most 10,000) is held out as
-the reference. The denoiser saw those images, which the report says.
+source without a test split, a random fifth of the training images (at most 10,000, seed 0) is held
+out as the reference, and the classifier trains on the rest with their labels (subfolder names for a
+folder). The denoiser saw those images, which the report says.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from .training import pick_device
 
 MEMORISATION_QUANTILE = 0.01   # share of real test images under the memorisation threshold
 MAX_HELD_OUT = 10_000          # at most this many training images are held out when there is no test split
+HELD_OUT_SEED = 0              # which ones: a random fifth drawn with this seed, the same in every evaluation
 MAX_REFERENCES = 4             # FD and floor are means over this many disjoint reference sets of N, where they fit
 
 
@@ -75,11 +77,14 @@ def eval_data(source: str, train_config: dict, progress: bool = False) -> EvalDa
     held = min(len(train.images) // 5, MAX_HELD_OUT)
     if held < 2:
         raise UserError(f"{source} has {len(train.images)} images and no test split; give --data with a test split")
+    # A seeded random draw, not the last images: folders are read class by class, so their tail is one class.
+    order = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(HELD_OUT_SEED))
     cut = lambda data, part: replace(data, images=data.images[part],
                                      labels=data.labels[part] if data.labels is not None else None)
-    kept = cut(train, slice(None, -held))
-    return EvalData(kept, cut(train, slice(-held, None)), kept,
-                    f"last {held} training images, held out (no test split; the denoiser trained on them)")
+    kept = cut(train, order[:-held].sort().values)
+    return EvalData(kept, cut(train, order[-held:].sort().values), kept,
+                    f"{held} training images held out at random (seed {HELD_OUT_SEED}; no test split, "
+                    f"and the denoiser trained on them)")
 
 
 def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000, sampler: str | None = None,

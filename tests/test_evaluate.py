@@ -324,7 +324,11 @@ def test_eval_data_policy(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFUNET_DATA", str(tmp_path))                       # no full MNIST here
     held = eval_data("builtin", {})
     assert len(held.test.images) == 2000 and len(held.train.images) == 8000 and "held out" in held.reference
-    assert torch.equal(held.test.images[0], torch.from_numpy(BUILTIN["images"][8000])[None])
+    # a seeded random fifth, disjoint from the rest, with every class in it (a folder's tail is one class)
+    chosen = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))[-2000:].sort().values
+    assert torch.equal(held.test.images[0], torch.from_numpy(BUILTIN["images"][chosen[0].item()])[None])
+    assert len(set(held.test.labels.tolist())) == 10
+    assert torch.equal(eval_data("builtin", {}).test.images, held.test.images)                  # deterministic
     if (SHARED_DATA / "mnist.npz").is_file():
         monkeypatch.setenv("DIFFUNET_DATA", str(SHARED_DATA))
         real = eval_data("builtin", {})
