@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -77,11 +76,10 @@ def export_onnx(model: nn.Module, path: str | Path, image_shape: tuple[int, ...]
     model.eval()
 
     def write(temp: str) -> None:
-        # The plain-op path of layers.py (the one torch.compile sees): its fused CPU GroupNorm + SiLU
-        # is an autograd.Function over aten::native_group_norm, which has no ONNX symbolic.
-        # Quiet the tracer's constant-shape warnings (H, W are fixed by design) and the legacy exporter's notice.
-        with torch.no_grad(), mock.patch.object(torch.compiler, "is_compiling", lambda: True), \
-                warnings.catch_warnings():
+        # layers.py takes its plain-op path under ONNX export (its fused CPU GroupNorm + SiLU has no ONNX
+        # symbolic). Quiet the tracer's constant-shape warnings (H, W are fixed by design) and the legacy
+        # exporter's notice.
+        with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.filterwarnings("ignore", message="Constant folding")   # strided slices stay unfolded

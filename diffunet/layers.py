@@ -29,9 +29,14 @@ class GroupNorm(nn.GroupNorm):
     (see `_slow_channels_last`)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _slow_channels_last(x, self.num_groups) and not torch.compiler.is_compiling():
+        if _slow_channels_last(x, self.num_groups) and not _tracing():
             return _GroupNormFiLMSiLU.apply(x, self.weight, self.bias, None, None, self.num_groups, self.eps, False)
         return super().forward(x)
+
+
+def _tracing() -> bool:
+    """True under torch.compile or ONNX export, which need the plain ops (the fused node has no ONNX symbolic)."""
+    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
 
 
 def norm_act(norm: nn.Module, act: nn.Module, x: Tensor, scale: Tensor | None = None,
@@ -42,7 +47,7 @@ def norm_act(norm: nn.Module, act: nn.Module, x: Tensor, scale: Tensor | None = 
     statistics for backward (`_GroupNormFiLMSiLU`), instead of four full-size intermediates.
     """
     fusable = isinstance(norm, GroupNorm) and isinstance(act, nn.SiLU) and x.device.type == "cpu" and x.dim() == 4
-    if fusable and not torch.compiler.is_compiling():   # torch.compile fuses the plain ops better itself
+    if fusable and not _tracing():   # torch.compile fuses the plain ops better itself; ONNX needs plain ops
         return _GroupNormFiLMSiLU.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, True)
     h = norm(x)
     if scale is not None:
