@@ -119,9 +119,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number; got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_max_decay < 1 and 0 <= self.label_dropout < 1):
             raise ValueError("need --lr > 0, 0 <= --ema-max-decay < 1 and 0 <= --label-dropout < 1")
-        if not (self.logsnr_std > 0 and self.logit_std > 0 and self.flow_shift > 0):
-            raise ValueError(f"--logsnr-std, --logit-std and --flow-shift must be positive; got {self.logsnr_std}, "
-                             f"{self.logit_std} and {self.flow_shift}")
+        for name in ("logsnr_std", "logit_std", "flow_shift"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
         if self.schedule == "rectified_flow" and (self.prediction == "eps" or self.zero_terminal_snr):
             raise ValueError("--schedule rectified_flow reaches pure noise at t = 1000, where eps gives no x0: use "
                              "--prediction flow, v or x0 (and no --zero-terminal-snr, which is for VP schedules)")

@@ -260,7 +260,7 @@ def test_bad_flags_through_the_cli(runs, data, tmp_path):
         return ["train", "--data", str(data), "--out", str(tmp_path / "train"), "--steps", "1", *FAST, *TINY, *flags]
 
     expected = {
-        "sample: unknown sampler": (sample("--sampler", "euler"), ("unknown sampler 'euler'", "ddpm, ddim, dpmpp_2m")),
+        "sample: unknown sampler": (sample("--sampler", "lms"), ("unknown sampler 'lms'", "ddpm, ddim, dpmpp_2m, euler, heun")),
         "sample: --steps 0": (sample("--steps", "0"), ("--steps must be a positive", "got 0")),
         "sample: --steps -3": (sample("--steps", "-3"), ("--steps must be a positive", "got -3")),
         "sample: --steps 5000 (> T)": (sample("--steps", "5000"), ("1000", "5000")),
@@ -281,7 +281,7 @@ def test_bad_flags_through_the_cli(runs, data, tmp_path):
         "sample: --out-dir is a file": (sample("--out-dir", str(tmp_path / "a_file")), ("a_file is a file",)),
         "sample: --out under a file": (sample(out=tmp_path / "a_file" / "grid.png"), ("a_file",)),
         "train: --image-size 0": (train("--image-size", "0"), ("--image-size must be positive; got 0",)),
-        "train: unknown sampler": (train("--sampler", "euler"), ("--sampler must be one of",)),
+        "train: unknown sampler": (train("--sampler", "lms"), ("--sampler must be one of",)),
         "train: --steps -1": (train("--steps", "-1"), ("--steps must be positive; got -1",)),
         "train: --lr inf": (train("--lr", "inf"), ("--lr must be a finite number; got inf",)),
         "train: --lr 1e39": (train("--lr", "1e39"), ("--lr <= 1000",)),
