@@ -2,6 +2,7 @@
 the channels_last GroupNorm detour, small-map attention, and a channels_last UNet with NCHW output."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 import torch.nn.functional as F
 from torch import nn
 
@@ -72,6 +73,29 @@ def test_attention_paths_match_the_formula(side):
     out = attention.proj((weights @ heads(v)).transpose(1, 2).flatten(2))
     expected = x + out.transpose(1, 2).reshape(x.shape)
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtype of every batched matmul and softmax that reaches the kernels (below autocast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.bmm.default, torch.ops.aten._softmax.default):
+            self.dtypes.append(out.dtype)
+        return out
+
+
+def test_small_map_attention_computes_in_float32_under_cpu_autocast():
+    attention = Attention(16, 2, norm_groups=4, zero_init=False)
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _MatmulDtypes() as seen:
+        out = attention(x)
+    assert seen.dtypes == [torch.float32] * 3        # q k^T, softmax, weights v: as the docstring says
+    assert torch.isfinite(out).all()
 
 
 def test_unet_is_channels_last_inside_and_returns_nchw():
