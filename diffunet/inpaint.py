@@ -31,7 +31,8 @@ def add_inpaint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jump-length", type=int, default=10, help="steps between jumps back up (default: 10)")
     parser.add_argument("--resamples", type=int, default=10,
                         help="times each segment is traversed; 1 = no resampling (default: 10)")
-    parser.add_argument("--label", type=int, default=None, help="class label for every completion")
+    parser.add_argument("--label", type=int, default=None,
+                        help="class label for every completion (default: none; the class is read off the image)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -67,7 +68,7 @@ def run_inpaint(args: argparse.Namespace) -> None:
     image = _read_picture(args.image, "--image", channels, height, width)             # [1, C, H, W] uint8
     keep = _read_picture(args.mask, "--mask", 1, height, width) >= 128                # [1, 1, H, W] bool
     _check_label_and_guidance(args, run.num_classes)
-    labels = run.labels(args.num, args.label)                                          # None if unconditional
+    labels = run.labels(args.num, args.label) if args.label is not None else _no_labels(run, args.num, args.guidance)
     guidance = args.guidance if args.guidance is not None else run.guidance
     denoiser = _bind_labels(run.model, labels.to(run.device) if labels is not None else None, guidance)
 
@@ -84,6 +85,19 @@ def run_inpaint(args: argparse.Namespace) -> None:
     row = torch.cat([image, mask_picture, to_uint8(filled.float().cpu())])            # [K + 2, C, H, W]
     save_image(make_grid(row, nrow=len(row)), args.out)
     print(f"wrote the original, the mask and {args.num} completions to {args.out}")
+
+
+def _no_labels(run, num: int, guidance: float | None) -> torch.Tensor | None:
+    """Labels for completions without --label: "no label" (-1) for a class-conditional run, so the known
+    pixels alone decide the class; None for an unconditional one."""
+    if not run.num_classes:
+        return None
+    if guidance is not None:
+        raise UserError("--guidance needs --label: guidance pushes towards a class, and none was given")
+    if not run.train_config.get("label_dropout", 0) > 0:
+        raise UserError(f"{run.path} was trained without label dropout, so it cannot complete an image without a "
+                        f"class; give --label")
+    return torch.full((num,), -1)
 
 
 def _read_picture(path: str, flag: str, channels: int, height: int, width: int) -> torch.Tensor:

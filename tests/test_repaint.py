@@ -213,13 +213,14 @@ def tiny_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("inpaint")
     runs = {}
-    for name, num_classes in (("plain", None), ("labelled", 2)):
+    for name, num_classes, label_dropout in (("plain", None, 0.0), ("labelled", 2, 0.0), ("dropout", 2, 0.1)):
         torch.manual_seed(0)
         model = UNet(UNetConfig(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                                 norm_groups=4, mid_attention=False, zero_init=False, num_classes=num_classes))
         runs[name] = root / name
         save_model(runs[name], model, extra_config={"schedule": NoiseSchedule.linear(100).to_dict(),
-                                                    "prediction": "eps", "image_shape": [1, HEIGHT, WIDTH]})
+                                                    "prediction": "eps", "image_shape": [1, HEIGHT, WIDTH],
+                                                    "train": {"label_dropout": label_dropout}})
     pixels = torch.randint(0, 256, (HEIGHT, WIDTH), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     Image.fromarray(pixels.numpy()).save(root / "image.png")
     keep = torch.zeros(HEIGHT, WIDTH, dtype=torch.uint8)
@@ -267,6 +268,20 @@ def test_inpaint_cli_binds_label_and_guidance(tiny_runs, tmp_path, capsys):
     assert not torch.equal(read_tiles(tmp_path / "a.png", K + 2), read_tiles(tmp_path / "b.png", K + 2))
     assert inpaint(runs["plain"], root, tmp_path / "c.png", "--label", "1") == 1
     assert "unconditional" in capsys.readouterr().err
+
+
+def test_inpaint_cli_without_label_completes_with_the_no_label_branch(tiny_runs, tmp_path, capsys):
+    runs, root, _, _ = tiny_runs
+    assert inpaint(runs["dropout"], root, tmp_path / "none.png") == 0             # y = -1: the image decides
+    none = read_tiles(tmp_path / "none.png", K + 2)
+    for label in ("0", "1"):
+        assert inpaint(runs["dropout"], root, tmp_path / f"{label}.png", "--label", label) == 0
+        assert not torch.equal(read_tiles(tmp_path / f"{label}.png", K + 2), none)
+    capsys.readouterr()
+    assert inpaint(runs["labelled"], root, tmp_path / "x.png") == 1              # no trained no-label branch
+    assert "trained without label dropout" in capsys.readouterr().err
+    assert inpaint(runs["dropout"], root, tmp_path / "y.png", "--guidance", "2") == 1
+    assert "--guidance needs --label" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, file, message", [
