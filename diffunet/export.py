@@ -76,8 +76,8 @@ def export_onnx(model: nn.Module, path: str | Path, image_shape: tuple[int, ...]
     model.eval()
 
     def write(temp: str) -> None:
-        # layers.py takes its plain-op path under ONNX export (its fused CPU GroupNorm + SiLU has no ONNX
-        # symbolic). Quiet the tracer's constant-shape warnings (H, W are fixed by design) and the legacy
+        # kernels.py's fused CPU GroupNorm + SiLU steps aside for the plain ops under ONNX export (it has no
+        # ONNX symbolic). Quiet the tracer's constant-shape warnings (H, W are fixed by design) and the legacy
         # exporter's notice.
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)

@@ -1,4 +1,4 @@
-"""The CPU fast paths in layers.py compute what the plain ops compute: fused GroupNorm + FiLM + SiLU,
+"""The CPU fast paths in kernels.py and layers.py compute what the plain ops compute: fused GroupNorm + FiLM + SiLU,
 the channels_last GroupNorm detour, small-map attention, and a channels_last UNet with NCHW output."""
 import pytest
 import torch
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffunet import UNet, UNetConfig
-from diffunet.layers import Attention, GroupNorm, norm_act
+from diffunet.kernels import GroupNorm, norm_act
+from diffunet.layers import Attention
 
 
 def plain_norm_act(x, weight, bias, groups, scale=None, shift=None):
