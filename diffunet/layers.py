@@ -2,9 +2,9 @@
 self-attention, down- and upsampling.
 
 Every block can also say how long a side it outputs (`out_size`), in integer arithmetic, so the
-U-Net can check an input size for valid padding without running a single convolution.
+U-Net can check an input size for valid padding without running a single convolution (valid.py).
 GroupNorm and `norm_act` (norm, FiLM, activation) come from kernels.py, which holds their fused CPU
-path. Imports only torch, einops and kernels.py, so the pair can be lifted into other code.
+path. Imports only torch, einops and those two files, so the backbone can be lifted into other code.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .kernels import GroupNorm, norm_act
+from .valid import center_crop, out_size
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -37,34 +38,12 @@ def make_activation(name: str) -> nn.Module:
     return {"silu": nn.SiLU, "relu": nn.ReLU}[name]()
 
 
-def center_crop(x: Tensor, height: int, width: int) -> Tensor:
-    """The central height x width window of x (a view). [..., H, W] -> [..., height, width]."""
-    top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
-    return x[..., top:top + height, left:left + width]
-
-
 def zero_(module: nn.Module) -> nn.Module:
     """Set a layer's weight and bias to zero, so its branch starts as the identity; returns it."""
     nn.init.zeros_(module.weight)
     if module.bias is not None:
         nn.init.zeros_(module.bias)
     return module
-
-
-def out_size(module: nn.Module, size: int) -> int:
-    """Side length after `module` for an input side of `size`; ValueError if the map would vanish."""
-    if isinstance(module, nn.Sequential):
-        for layer in module:
-            size = out_size(layer, size)
-        return size
-    if isinstance(module, nn.Conv2d):
-        kernel, stride, pad = module.kernel_size[0], module.stride[0], module.padding[0]
-        if size + 2 * pad < kernel:
-            raise ValueError(f"a {kernel}x{kernel} convolution gets a side of {size} pixels")
-        return (size + 2 * pad - kernel) // stride + 1
-    if hasattr(module, "out_size"):
-        return module.out_size(size)
-    return size  # norms, activations, attention, identity
 
 
 class TimestepBlock(nn.Module):

@@ -2,7 +2,7 @@
 
 Two layouts share one forward: "resnet" (Ho et al. 2020: a skip after every block, the decoder one
 block longer per level) and "double_conv" (Ronneberger et al. 2015: one skip per level, taken
-before pooling). Imports only torch and einops.
+before pooling). The backbone (this file, layers.py, kernels.py, valid.py) imports only torch and einops.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (Attention, DoubleConv, Downsample, ResBlock, TimestepSequential, Upsample, center_crop,
-                     make_activation, make_norm, out_size, timestep_embedding, zero_)
+from .layers import (Attention, DoubleConv, Downsample, ResBlock, TimestepSequential, Upsample, make_activation,
+                     make_norm, timestep_embedding, zero_)
+from .valid import center_crop, output_size as valid_output_size
 
 CHOICES = {"activation": ("silu", "relu"), "block": ("resnet", "double_conv"), "time_injection": ("scale_shift", "add"),
            "skip": ("concat", "add"), "upsample": ("nearest", "bilinear", "transposed"),
@@ -205,7 +206,7 @@ class UNet(nn.Module):
         Returns:
             the UNet in eval mode (a run's EMA weights). `diffunet.load_run` also gives its schedule.
         """
-        from .checkpoint import load_model  # here, so that this file imports only torch, einops and layers
+        from .checkpoint import load_model  # here, so that the backbone imports only torch, einops and itself
         return load_model(path, device=device)[0]
 
     # ---- construction: channel bookkeeping happens here, once ----
@@ -420,36 +421,4 @@ class UNet(nn.Module):
         """
         if self.config.padding == "same":
             return height, width
-        return self._valid_side(height, "H"), self._valid_side(width, "W")
-
-    def _side(self, size: int) -> int:
-        """Walk one side length through the network exactly as forward does."""
-        skips = []
-        for stage, pushes in zip(self.down, self.pushes):
-            size = out_size(stage, size)
-            if pushes:
-                skips.append(size)
-        size = out_size(self.middle, size)
-        for stage, pops in zip(self.up, self.pops):
-            if pops and skips.pop() < size:
-                raise ValueError(f"a skip is smaller than the decoder's {size}-pixel map")
-            size = out_size(stage, size)
-        return out_size(self.output, size)
-
-    def _valid_side(self, size: int, name: str) -> int:
-        try:
-            return self._side(size)
-        except ValueError as error:
-            reason = error
-        lower = next((s for s in range(size - 1, 0, -1) if self._fits(s)), None)
-        upper = next((s for s in range(size + 1, size + 64 * self.factor) if self._fits(s)), None)
-        nearest = " or ".join(str(s) for s in (lower, upper) if s is not None)
-        raise ValueError(f"with padding='valid' the input {name}={size} does not fit ({reason}); "
-                         f"the nearest sides that fit are {nearest}. Crop or pad the input, or use padding='same'")
-
-    def _fits(self, size: int) -> bool:
-        try:
-            self._side(size)
-            return True
-        except ValueError:
-            return False
+        return valid_output_size(self, height, width)   # walks the stages in valid.py

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from diffunet import PRESETS, UNet, UNetConfig
-from diffunet.layers import DoubleConv, ResBlock, Upsample
+from diffunet.layers import DoubleConv, Downsample, ResBlock, Upsample
+from diffunet.valid import center_crop, out_size
 
 
 def tiny(**overrides) -> UNetConfig:
@@ -136,6 +137,20 @@ def test_valid_padding_rejects_sizes_that_do_not_fit():
         model.output_size(570, 572)
     with pytest.raises(ValueError, match="padding='same'"):
         model(torch.randn(1, 1, 16, 16))
+
+
+def test_valid_size_arithmetic_matches_running_the_layers():
+    """valid.py's integer sizes are what the layers really output; its crop is the central window."""
+    layers = [torch.nn.Conv2d(1, 1, 3), torch.nn.Conv2d(1, 1, 3, stride=2, padding=1),
+              torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.ReLU(), torch.nn.Conv2d(1, 1, 3)),
+              Downsample(1, "maxpool", padding=0, exact=False), Downsample(1, "conv", padding=0, exact=False),
+              Upsample(1, 1, "transposed", padding=0)]
+    for layer, side in itertools.product(layers, range(5, 12)):
+        assert out_size(layer, side) == layer(torch.zeros(1, 1, side, side)).shape[-1]
+    with pytest.raises(ValueError, match="3x3 convolution gets a side of 2"):
+        out_size(torch.nn.Conv2d(1, 1, 3), 2)
+    x = torch.arange(4 * 7).reshape(1, 4, 7)
+    assert torch.equal(center_crop(x, 2, 3), x[:, 1:3, 2:5])
 
 
 def test_bilinear_upsampling_follows_half_pixel_formula_by_hand():
