@@ -7,7 +7,8 @@ A run folder (`diffunet train --out runs/NAME`) holds:
                                 alone rebuilds the model
     training_state.safetensors  a nested dict (raw weights, EMA, optimizer, step, RNG states, data
                                 position): its tensors are stored as tensors, its structure as a
-                                JSON skeleton in the file's metadata. One file, one atomic rename.
+                                JSON skeleton in the file's metadata (serialiser.py). One file,
+                                one atomic rename.
 
 No pickle anywhere: weights are safetensors, structure is JSON, and the one reader of `.pt` files
 (`load_torch_file`) uses `torch.load(weights_only=True)`. Every file is written through
@@ -30,6 +31,7 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_write_bytes
 from .errors import CheckpointError
+from .serialiser import flatten, restore
 from .unet import UNet, UNetConfig
 
 FORMAT_VERSION = 1                      # bump when the run-folder layout changes incompatibly
@@ -37,9 +39,6 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.safetensors"
 META_FORMAT, META_CONFIG, META_STATE = "format_version", "diffunet_config", "diffunet_state"
-# Markers of the JSON skeleton: {"__tensor__": key}, {"__tuple__": [...]}, {"__dict__": [[k, v], ...]}
-# (a dict whose keys are not all strings), {"__ndarray__": [key, dtype, shape]}.
-TENSOR, TUPLE, DICT, NDARRAY = "__tensor__", "__tuple__", "__dict__", "__ndarray__"
 FIX_RUN = "pass a run folder written by `diffunet train --out` or its model.safetensors"
 
 
@@ -160,8 +159,7 @@ def save_training_state(run_dir: str | Path, state: dict) -> Path:
     Returns:
         The path of the state file.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _flatten(state, [], tensors)
+    skeleton, tensors = flatten(state)
     metadata = {META_FORMAT: str(FORMAT_VERSION), META_STATE: _to_json(skeleton, "state")}
     tensors = _plain_tensors(tensors)
     path = Path(run_dir) / STATE_FILE
@@ -184,7 +182,7 @@ def load_training_state(run_dir: str | Path) -> dict:
     tensors, metadata = _read_safetensors(path)
     _check_format(metadata.get(META_FORMAT), path)
     try:
-        return _restore(json.loads(metadata[META_STATE]), tensors)
+        return restore(json.loads(metadata[META_STATE]), tensors)
     except (KeyError, ValueError, TypeError) as error:
         raise CheckpointError(f"{path} is corrupt ({_one_line(error)}); delete it to start over, "
                               f"or restore it from a backup") from None
@@ -268,58 +266,6 @@ def _plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         storages.add(tensor.untyped_storage().data_ptr())
         plain[key] = tensor
     return plain
-
-
-def _flatten(value: Any, path: list[str], tensors: dict[str, torch.Tensor]) -> Any:
-    """JSON skeleton of `value`; each tensor moves into `tensors` under its path, e.g. "optimizer/state/0/exp_avg"."""
-    where = "/".join(path)
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        key = where or "tensor"
-        while key in tensors:  # two paths gave the same name (a dict key containing "/")
-            key += "#"
-        if isinstance(value, torch.Tensor):
-            tensors[key] = value
-            return {TENSOR: key}
-        if value.dtype.hasobject:
-            raise TypeError(f"cannot store the object array at '{where}' in the training state; use numbers")
-        tensors[key] = torch.from_numpy(np.frombuffer(value.tobytes(), dtype=np.uint8).copy())  # raw bytes
-        return {NDARRAY: [key, value.dtype.str, list(value.shape)]}
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tuple):
-        return {TUPLE: [_flatten(item, path + [str(i)], tensors) for i, item in enumerate(value)]}
-    if isinstance(value, list):
-        return [_flatten(item, path + [str(i)], tensors) for i, item in enumerate(value)]
-    if isinstance(value, dict):
-        if all(isinstance(key, str) for key in value) and not (len(value) == 1 and next(iter(value)) in
-                                                              (TENSOR, TUPLE, DICT, NDARRAY)):
-            return {key: _flatten(item, path + [key], tensors) for key, item in value.items()}
-        return {DICT: [[_flatten(key, path, tensors), _flatten(item, path + [str(key)], tensors)]
-                       for key, item in value.items()]}
-    raise TypeError(f"cannot store a {type(value).__name__} at '{where}' in the training state; "
-                    f"use tensors, arrays, numbers, strings, None, lists, tuples and dicts")
-
-
-def _restore(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of `_flatten`."""
-    if isinstance(skeleton, list):
-        return [_restore(item, tensors) for item in skeleton]
-    if not isinstance(skeleton, dict):
-        return skeleton
-    if len(skeleton) == 1:
-        marker, payload = next(iter(skeleton.items()))
-        if marker == TENSOR:
-            return tensors[payload]
-        if marker == NDARRAY:
-            key, dtype, shape = payload
-            return np.frombuffer(tensors[key].numpy().tobytes(), dtype=np.dtype(dtype)).reshape(shape).copy()
-        if marker == TUPLE:
-            return tuple(_restore(item, tensors) for item in payload)
-        if marker == DICT:
-            return {_restore(key, tensors): _restore(item, tensors) for key, item in payload}
-    return {key: _restore(item, tensors) for key, item in skeleton.items()}
 
 
 def _write(path: Path, data: bytes) -> None:

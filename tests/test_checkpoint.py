@@ -22,6 +22,7 @@ from diffunet.checkpoint import (capture_rng_states, load_model, load_torch_file
 from diffunet.ema import ema_copy, ema_decay, ema_update
 from diffunet.errors import CheckpointError
 from diffunet.loss import training_loss
+from diffunet.serialiser import flatten, restore
 from samplers import NoiseSchedule
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(), norm_groups=4)
@@ -133,6 +134,14 @@ def test_training_state_round_trip_keeps_structure_types_and_dtypes(tmp_path):
     # Tensor names in the file follow the state's structure.
     keys = load_file(tmp_path / "training_state.safetensors").keys()
     assert {"by_int/0/a", "scalar", "dtypes/torch.bfloat16"} <= set(keys)
+
+
+def test_serialiser_splits_a_state_into_json_and_tensors_and_back():
+    """In memory, without a file: the skeleton is plain JSON; colliding paths get distinct tensor names."""
+    state = {"a/b": torch.ones(2), "a": {"b": torch.zeros(2)}, "t": (1, np.arange(3, dtype=np.int16))}
+    skeleton, tensors = flatten(state)
+    assert set(tensors) == {"a/b", "a/b#", "t/1"}
+    assert_same(state, restore(json.loads(json.dumps(skeleton)), tensors))
 
 
 def test_unsupported_values_are_refused(tmp_path):
