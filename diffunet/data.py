@@ -1,4 +1,4 @@
-"""Training images as one uint8 tensor, plus the [-1, 1] <-> uint8 conversions, grids and PNG writing.
+"""Training images in: every source as one uint8 tensor (images out, grids and PNG files: images.py).
 
 Sources: "builtin" (10,000 MNIST training digits shipped in diffunet/assets/), "mnist" and
 "fashion-mnist" (full sets, see download.py), an image folder, or an .npz / .npy of uint8 arrays.
@@ -13,7 +13,6 @@ cropped square; without it, all images must share one size, which is kept.
 """
 from __future__ import annotations
 
-import math
 import os
 import zipfile
 import zlib
@@ -28,6 +27,8 @@ from tqdm import tqdm
 from .atomic import atomic_write
 from .download import load_remote
 from .errors import DataError
+# Re-exported for training.py, cli.py and evaluate.py, which import them from here; new code imports .images.
+from .images import make_grid, save_image, to_model_range, to_uint8  # noqa: F401
 
 BUILTIN_FILE = Path(__file__).resolve().parent / "assets" / "mnist_10k.npz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -284,66 +285,6 @@ def _mode_to_array(picture: Image.Image) -> np.ndarray:
         picture = picture.convert(converted.get(mode, "RGB"))  # CMYK, YCbCr, LAB, HSV -> RGB
     array = np.asarray(picture)
     return array[..., None] if array.ndim == 2 else array
-
-
-# --- conversions, grids, PNG ----------------------------------------------------------------------
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 in [-1, 1]: x = u / 127.5 - 1."""
-    return images.float() / 127.5 - 1
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float in [-1, 1] -> uint8: u = round((clip(x, -1, 1) + 1) * 127.5); NaN becomes 128."""
-    return ((x.detach().float().nan_to_num(0.0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 0) -> torch.Tensor:
-    """Tile images into one picture.
-
-    Args:
-        images: [N, C, H, W] (or one [C, H, W]) uint8, or float in [-1, 1].
-        nrow: images per row; None = ceil(sqrt(N)).
-        padding: pixels between and around the images.
-        pad_value: 0..255 value of the padding.
-
-    Returns:
-        uint8 [C, rows * (H + padding) + padding, nrow * (W + padding) + padding].
-    """
-    if images.dim() == 3:
-        images = images[None]
-    if images.dim() != 4 or len(images) == 0:
-        raise ValueError(f"make_grid needs images [N, C, H, W] with N >= 1; got shape {tuple(images.shape)}")
-    if images.is_floating_point():
-        images = to_uint8(images)
-    count, channels, height, width = images.shape
-    columns = min(nrow or math.ceil(math.sqrt(count)), count)
-    rows = math.ceil(count / columns)
-    grid = torch.full((channels, rows * (height + padding) + padding, columns * (width + padding) + padding),
-                      pad_value, dtype=torch.uint8)
-    for i, image in enumerate(images.cpu()):
-        top, left = padding + (i // columns) * (height + padding), padding + (i % columns) * (width + padding)
-        grid[:, top:top + height, left:left + width] = image
-    return grid
-
-
-def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write one image [C, H, W] (or a batch [N, C, H, W], tiled by make_grid) atomically.
-
-    Args:
-        image: uint8, or float in [-1, 1]; C = 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA).
-        path: the file; its suffix picks the format (PNG when Pillow does not know it).
-    """
-    if image.dim() == 4:
-        image = make_grid(image)
-    if image.is_floating_point():
-        image = to_uint8(image)
-    if image.dim() != 3 or image.shape[0] not in (1, 2, 3, 4):
-        raise ValueError(f"save_image needs [C, H, W] or [N, C, H, W] with C in 1..4; got {tuple(image.shape)}")
-    array = image.cpu().permute(1, 2, 0).numpy()  # [H, W, C]
-    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    image_format = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    atomic_write(path, lambda temp: picture.save(temp, format=image_format))
 
 
 def build_builtin_subset(src_npz: str | os.PathLike, dst: str | os.PathLike, count: int = 10_000) -> None:

@@ -44,8 +44,8 @@ def run_inpaint(args: argparse.Namespace) -> None:
     from samplers.repaint import repaint
 
     from .cli import _check_label_and_guidance
-    from .data import make_grid, save_image, to_model_range, to_uint8
     from .generate import _bind_labels, image_generators
+    from .images import make_grid, save_image, to_model_range, to_uint8
     from .run import load_run
     from .training import pick_device
 

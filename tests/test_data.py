@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from diffunet import download
-from diffunet.data import (BUILTIN_FILE, ImageData, build_builtin_subset, load_data, make_grid, save_image,
-                           to_model_range, to_uint8)
+from diffunet.data import BUILTIN_FILE, ImageData, build_builtin_subset, load_data
+from diffunet.images import make_grid, save_image, to_model_range, to_uint8
 from diffunet.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

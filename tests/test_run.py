@@ -16,7 +16,7 @@ import diffunet
 from diffunet import Run, UNet, load_run
 from diffunet.checkpoint import load_model, save_model
 from diffunet.cli import main
-from diffunet.data import to_uint8
+from diffunet.images import to_uint8
 from diffunet.errors import CheckpointError, UserError
 from diffunet.run import LEGACY_SAMPLING
 from diffunet.training import TrainConfig, resume_config, train
