@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import valid
 from .layers import (Attention, DoubleConv, Downsample, ResBlock, TimestepSequential, Upsample, make_activation,
                      make_norm, timestep_embedding, zero_)
-from .valid import center_crop, output_size as valid_output_size
 
 CHOICES = {"activation": ("silu", "relu"), "block": ("resnet", "double_conv"), "time_injection": ("scale_shift", "add"),
            "skip": ("concat", "add"), "upsample": ("nearest", "bilinear", "transposed"),
@@ -333,7 +333,7 @@ class UNet(nn.Module):
     def _join(self, h: Tensor, skip: Tensor) -> Tensor:
         """Concatenate or add an encoder map, centre-cropped to h's size for valid padding."""
         if skip.shape[-2:] != h.shape[-2:]:
-            skip = center_crop(skip, h.shape[-2], h.shape[-1])
+            skip = valid.center_crop(skip, h.shape[-2], h.shape[-1])
         return torch.cat([h, skip], dim=1) if self.config.skip == "concat" else h + skip
 
     def _fit(self, x: Tensor, height: int, width: int) -> tuple[Tensor, int, int]:
@@ -421,4 +421,4 @@ class UNet(nn.Module):
         """
         if self.config.padding == "same":
             return height, width
-        return valid_output_size(self, height, width)   # walks the stages in valid.py
+        return valid.output_size(self, height, width)
