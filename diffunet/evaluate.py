@@ -165,6 +165,10 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
                          "seconds": time.perf_counter() - started}
     if real.labelled.labels is not None and len(real.labelled.labels) > 0:
         report.update(_feature_statistics(samples, labels, real, order, classifier, device, progress))
+    else:
+        report["fd_unavailable"] = (f"no FD, class entropy or label agreement: {source} has no labels for the feature "
+                                    "classifier to learn; give a folder with one subfolder per class (or an .npz "
+                                    "with labels)")
     report["memorisation"] = _memorisation(samples, real, order[:num])
     return report
 
@@ -252,6 +256,8 @@ def format_table(report: dict) -> str:
         accuracy = report["classifier"]["reference_accuracy"]
         if accuracy is not None:
             rows.append(("classifier accuracy", f"{accuracy:.1%}", f"on the {fd['num']} reference images"))
+    if report.get("fd_unavailable"):
+        rows.append(("FD (floor)", "-", report["fd_unavailable"]))
     memo = report["memorisation"]
     rows.append(("memorisation", f"{memo['rate']:.1%}",
                  f"real test {memo['real_rate']:.1%}; nearest of {memo['train_images']} training images "

@@ -348,3 +348,19 @@ def test_eval_on_a_flow_run_says_why_it_has_no_bits_per_dim(tiny_run, monkeypatc
     report = json.loads((run / "eval.json").read_text())
     assert "nll" not in report and "rectified_flow" in report["nll_unavailable"]
     assert "no bits/dim" in table and report["fd"]["value"] > 0 and report["samples"]["sampler"] == "euler"
+
+
+def test_eval_on_unlabelled_data_says_which_figures_it_cannot_give(tiny_run, monkeypatch, capsys):
+    monkeypatch.setenv("DIFFUNET_DATA", str(tiny_run / "cache"))
+    np.savez(tiny_run / "plain.npz", images=BUILTIN["images"][:300])                  # no labels at all
+    run = tiny_run / "plain_run"
+    assert main(["train", "--data", str(tiny_run / "plain.npz"), "--out", str(run), "--steps", "2", *TINY,
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--num", "20", "--nll-images", "2", "--nll-timesteps", "10",
+                 "--steps", "2", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    report = json.loads((run / "eval.json").read_text())
+    assert "fd" not in report and "has no labels" in report["fd_unavailable"] and "FD (floor)" in table
+    assert report["nll"]["bits_per_dim"] > 0 and 0 <= report["memorisation"]["rate"] <= 1   # the rest is given
+    assert "held out at random" in report["reference"]
