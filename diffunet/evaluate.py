@@ -36,7 +36,8 @@ import torch
 import samplers
 
 from .atomic import atomic_write_text
-from .data import ImageData, load_data, to_uint8
+from .data import ImageData, load_data
+from .images import to_uint8
 from .download import data_folder
 from .errors import DataError, UserError
 from .features import (ClassifierConfig, cached_classifier, class_entropy, classify, frechet_distance,
