@@ -338,12 +338,15 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                     x0 = random_flip(x0, noise_generator)
                 y = _drop_labels(labels[index], cfg.label_dropout, noise_generator, device) if labels is not None else None
                 sync = micro == cfg.grad_accum - 1 or world == 1
-                with autocast, (ddp_model.no_sync() if not sync else contextlib.nullcontext()):
-                    loss = training_loss(forward, x0, schedule, prediction=cfg.prediction,
-                                         weighting=cfg.loss_weighting, min_snr_gamma=cfg.min_snr_gamma,
-                                         timestep_sampling=cfg.timestep_sampling, logsnr_mean=cfg.logsnr_mean,
-                                         logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                                         logsnr_std=cfg.logsnr_std, y=y, generator=noise_generator).mean()
+                # no_sync spans forward and backward (DDP reads it in both); autocast the forward and loss
+                # only, as torch.autocast asks: backward runs each op in the dtype its forward chose.
+                with ddp_model.no_sync() if not sync else contextlib.nullcontext():
+                    with autocast:
+                        loss = training_loss(forward, x0, schedule, prediction=cfg.prediction,
+                                             weighting=cfg.loss_weighting, min_snr_gamma=cfg.min_snr_gamma,
+                                             timestep_sampling=cfg.timestep_sampling, logsnr_mean=cfg.logsnr_mean,
+                                             logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                                             logsnr_std=cfg.logsnr_std, y=y, generator=noise_generator).mean()
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
             if not math.isfinite(step_loss):
