@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import os
 import signal
@@ -29,7 +30,7 @@ from .checkpoint import (capture_rng_states, load_training_state, restore_rng_st
                          save_training_state)
 from .data import ImageData, load_data, save_image, make_grid, to_model_range, to_uint8
 from .ema import ema_copy, ema_decay, ema_update
-from .errors import UserError
+from .errors import CheckpointError, UserError
 from .generate import generate
 from .loss import PREDICTIONS, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS, training_loss
 from .run import check_continues, make_run_config, stored_model_fields, stored_train_config
@@ -275,7 +276,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     out = Path(cfg.out)
     started = time.perf_counter()                 # --minutes counts from here: data loading included
     rank, world, device = setup_distributed(pick_device(cfg.device))
-    state = _resume_state(cfg, out)
+    state = _resume_state(cfg, out, world)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
     # Data: one uint8 tensor in memory; batches are sliced from it, not decoded per step.
@@ -298,6 +299,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     # Model, EMA copy and optimizer.
     model = UNet(model_cfg).to(device)
     ema = ema_copy(model)
+    if world > 1:  # the weights above are the same on every rank; dropout (the global RNG) differs per rank
+        torch.manual_seed(_rank_seed(cfg.seed, rank))
     optimizer = make_optimizer(model.parameters(), cfg, device)
     noise_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     step, saved_step = 0, None  # saved_step: the last checkpoint written, named in error messages
@@ -305,8 +308,9 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         load_optimizer_state(optimizer, state["optimizer"])
-        noise_generator.set_state(state["rng"]["noise"][rank])
+        noise_generator.set_state(state["rng"]["noise"][rank].clone())  # a row view: see _restore_rank_rng_states
         restore_rng_states(state["rng"])
+        _restore_rank_rng_states(state["rng"], rank, device)
         step = saved_step = int(state["step"])
     ddp_model = model
     if world > 1:
@@ -349,6 +353,10 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                                              logsnr_std=cfg.logsnr_std, y=y, generator=noise_generator).mean()
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.item() / cfg.grad_accum
+            if world > 1:  # the mean over ranks: all log it, and all stop at the same step when one diverges
+                total = torch.tensor([step_loss], dtype=torch.float64, device=device)
+                dist.all_reduce(total)
+                step_loss = total.item() / world
             if not math.isfinite(step_loss):
                 raise UserError(f"loss became {step_loss} at step {step + 1}; {_kept(out, saved_step, bf16)}")
             if cfg.grad_clip > 0:
@@ -487,13 +495,20 @@ def _check_finite(model: torch.nn.Module, step: int, out: Path, saved_step: int 
                         f"{_kept(out, saved_step, bf16)}")
 
 
-def _resume_state(cfg: TrainConfig, out: Path) -> dict | None:
-    """The saved training state when resuming; refuses to overwrite a run without --resume."""
+def _resume_state(cfg: TrainConfig, out: Path, world: int) -> dict | None:
+    """The saved training state when resuming; refuses to overwrite a run without --resume, and to
+    continue a run on another number of processes (each one's batch share and noise stream are saved)."""
     has_state = (out / "training_state.safetensors").exists()
     if has_state and not cfg.resume:
         raise UserError(f"{out} already holds a training run; set resume to continue it "
                         f"or choose another output folder")
-    return load_training_state(out) if has_state else None
+    state = load_training_state(out) if has_state else None
+    if state is not None and len(state["rng"]["noise"]) != world:
+        saved = len(state["rng"]["noise"])
+        raise CheckpointError(f"the run in {out} was trained by {saved} process(es) and cannot continue exactly on "
+                              f"{world}: resume it with torchrun --nproc_per_node {saved}"
+                              f"{' (or without torchrun)' if saved == 1 else ''}, or start a new run")
+    return state
 
 
 def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
@@ -513,16 +528,45 @@ def _drop_labels(y: torch.Tensor, p: float, generator: torch.Generator, device) 
     return torch.where(drop, torch.full_like(y, -1), y)
 
 
-def _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config) -> None:
-    """Write the resumable state and the EMA model (rank 0 only; every rank's noise RNG is gathered)."""
-    noise_states = [noise_generator.get_state()]
+def _rank_seed(seed: int, rank: int) -> int:
+    """The global-RNG seed of `rank` in a multi-process run: a hash of (seed, rank), so it repeats no
+    rank's and no other seed of the run (the noise generators use seed * 1000 + rank)."""
+    return int.from_bytes(hashlib.sha256(f"diffunet global rng {seed} {rank}".encode()).digest()[:8], "little")
+
+
+def _rank_rng_states(noise_generator: torch.Generator, world: int) -> dict:
+    """Every rank's own RNG states, each stacked [world, ...]: its noise generator and, with more than one
+    rank, its global torch RNG (dropout) on the CPU and on its CUDA device. Called on every rank."""
+    device = noise_generator.device
+    mine = {"noise": noise_generator.get_state()}
     if world > 1:
-        noise_states = [None] * world
-        dist.all_gather_object(noise_states, noise_generator.get_state())
+        mine["rank_torch"] = torch.get_rng_state()
+        if device.type == "cuda":
+            mine["rank_cuda"] = torch.cuda.get_rng_state(device)
+    every = [mine]
+    if world > 1:
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+    return {key: torch.stack([states[key] for states in every]) for key in mine}
+
+
+def _restore_rank_rng_states(rng: dict, rank: int, device: torch.device) -> None:
+    """Give this rank its own global RNG states back (after restore_rng_states set rank 0's everywhere).
+    Each row is cloned: set_state does not honour a row view of the stacked [world, N] states (rank 1 got
+    "Invalid mt19937 state", or a segfault, in torch 2.13)."""
+    if "rank_torch" in rng:
+        torch.set_rng_state(rng["rank_torch"][rank].clone())
+    if "rank_cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["rank_cuda"][rank].clone(), device)
+
+
+def _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config) -> None:
+    """Write the resumable state and the EMA model (rank 0 only; every rank's own RNG states are gathered)."""
+    rank_states = _rank_rng_states(noise_generator, world)
     if rank != 0:
         return
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "step": step, "rng": {**capture_rng_states(), "noise": torch.stack(noise_states)}}
+             "step": step, "rng": {**capture_rng_states(), **rank_states}}
     save_model(out, ema, {**run_config, "step": step, "diffunet_version": __version__})
     save_training_state(out, state)
 
