@@ -29,7 +29,7 @@ from . import __version__
 from .checkpoint import (capture_rng_states, load_training_state, restore_rng_states, save_model,
                          save_training_state)
 from .data import ImageData, load_data, save_image, make_grid, to_model_range, to_uint8
-from .ema import ema_copy, ema_decay, ema_update
+from .ema import POWER_EMA_MAX_STD, ema_copy, ema_decay, ema_update, power_ema_decay, power_ema_exponent
 from .errors import CheckpointError, UserError
 from .generate import generate
 from .loss import PREDICTIONS, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS, training_loss
@@ -60,8 +60,13 @@ class TrainConfig:
     weight_decay: float = 0.0           # AdamW decoupled weight decay
     adam_beta2: float = 0.999           # AdamW second-moment decay; lower adapts faster in short runs
     grad_clip: float = 1.0              # max global gradient norm; 0 disables clipping
-    ema_max_decay: float = 0.999        # EMA decay after warmup; samples use the EMA weights
-    ema_warmup: bool = True             # ramp the EMA decay up from 0 (Karras-style warmup)
+    ema: str = "exponential"            # the EMA that samples use: exponential | power (Karras et al. 2024, EDM2)
+    ema_max_decay: float = 0.999        # exponential: cap on the warm-up decay (1+t)/(10+t), which reaches 0.999
+                                        # at step 8990; a 2000-step run ends at 0.9955 (see diffunet.ema.ema_decay)
+    ema_warmup: bool = True             # exponential: ramp the decay up as (1+t)/(10+t) (TensorFlow's num_updates
+                                        # rule, Ho et al. 2020); False: ema_max_decay from the first step
+    ema_std: float = 0.1                # power: sigma_rel, the averaging window's std as a fraction of the steps
+                                        # so far (EDM2: 0.05-0.10); 0.1 ends a 2000-step run at decay 0.9960
     schedule: str = "linear"            # path: linear | cosine | sigmoid (VP) | rectified_flow (linear: lower FD on MNIST)
     flow_shift: float = 1.0             # rectified_flow: SD3 shift of the sampling grid (Esser et al. 2024, eq. 23)
     num_timesteps: int = 1000           # T, diffusion steps
@@ -95,7 +100,7 @@ class TrainConfig:
         choices = {"lr_schedule": ("cosine", "constant"), "schedule": ("linear", "cosine", "sigmoid", "rectified_flow"),
                    "prediction": PREDICTIONS, "loss_weighting": WEIGHTINGS, "timestep_sampling": TIMESTEP_DISTRIBUTIONS,
                    "precision": ("auto", "fp32", "bf16"), "device": ("auto", "cpu", "cuda", "mps"),
-                   "sampler": tuple(samplers.SAMPLERS), "preset": ("auto", *PRESETS)}
+                   "sampler": tuple(samplers.SAMPLERS), "preset": ("auto", *PRESETS), "ema": ("exponential", "power")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
@@ -114,12 +119,15 @@ class TrainConfig:
                              f"got {self.alpha_background}")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 or 3; got {self.channels}")
-        for name in ("lr", "weight_decay", "adam_beta2", "grad_clip", "ema_max_decay", "min_snr_gamma",
+        for name in ("lr", "weight_decay", "adam_beta2", "grad_clip", "ema_max_decay", "ema_std", "min_snr_gamma",
                      "logsnr_mean", "logsnr_std", "logit_mean", "logit_std", "flow_shift", "label_dropout", "guidance"):
             if not math.isfinite(getattr(self, name)):  # nan or inf, e.g. --lr 1e999
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number; got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_max_decay < 1 and 0 <= self.label_dropout < 1):
             raise ValueError("need --lr > 0, 0 <= --ema-max-decay < 1 and 0 <= --label-dropout < 1")
+        if not 0 < self.ema_std < POWER_EMA_MAX_STD:
+            raise ValueError(f"--ema-std must be in (0, {POWER_EMA_MAX_STD:.4f}) (EDM2 uses 0.05-0.10); "
+                             f"got {self.ema_std}")
         for name in ("logsnr_std", "logit_std", "flow_shift"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
@@ -299,6 +307,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     # Model, EMA copy and optimizer.
     model = UNet(model_cfg).to(device)
     ema = ema_copy(model)
+    gamma = power_ema_exponent(cfg.ema_std) if cfg.ema == "power" else None  # the power EMA's exponent
     if world > 1:  # the weights above are the same on every rank; dropout (the global RNG) differs per rank
         torch.manual_seed(_rank_seed(cfg.seed, rank))
     optimizer = make_optimizer(model.parameters(), cfg, device)
@@ -364,7 +373,9 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # EMA weights give visibly cleaner samples; sample from them.
-            ema_update(ema, model, ema_decay(step, cfg.ema_max_decay) if cfg.ema_warmup else cfg.ema_max_decay)
+            decay = power_ema_decay(step, gamma) if gamma is not None else \
+                ema_decay(step, cfg.ema_max_decay, warmup=cfg.ema_warmup)
+            ema_update(ema, model, decay)
             step += 1
             if cfg.minutes is not None and state is None and step in PROBE_STEPS:
                 probe_times.append(time.perf_counter())

@@ -1,4 +1,5 @@
-"""EMA math (update formula, warm-up schedule) and the training loss (draws, targets, min-SNR weights)."""
+"""EMA math (update formula, warm-up schedule, power-function EMA) and the training loss (draws, targets,
+min-SNR weights)."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 
 from diffunet import UNet, UNetConfig
-from diffunet.ema import ema_copy, ema_decay, ema_update
+from diffunet.ema import ema_copy, ema_decay, ema_update, power_ema_decay, power_ema_exponent
 from diffunet.loss import draw_timesteps, min_snr_weight, training_loss
 from samplers import NoiseSchedule
 
@@ -99,6 +100,74 @@ def test_ema_decay_warmup_schedule():
         ema_decay(-1)
     with pytest.raises(ValueError):
         ema_decay(0, max_decay=1.0)
+    # The cap binds only from step (10 m - 1) / (1 - m): --ema-max-decay 0.999 does nothing in 2000 steps.
+    assert ema_decay(1999, 0.999) == pytest.approx(2000 / 2009) and 2000 / 2009 < 0.999
+    assert ema_decay(8989, 0.999) < 0.999 and ema_decay(8990, 0.999) == 0.999
+
+
+def relative_std(gamma: float) -> float:
+    """Karras et al. 2024, App. C, eq. 123: sigma_rel of the power-function profile with exponent gamma."""
+    return ((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))) ** 0.5
+
+
+@pytest.mark.parametrize("sigma_rel", [0.01, 0.05, 0.1, 0.2, 0.28])
+def test_power_ema_exponent_solves_the_relative_std_equation(sigma_rel):
+    gamma = power_ema_exponent(sigma_rel)
+    assert gamma >= 0 and relative_std(gamma) == pytest.approx(sigma_rel, rel=1e-12)
+    k = sigma_rel ** -2   # the largest real root of EDM2's cubic (eq. 126, Algorithm 2)
+    cubic = [1, 7, 16 - k, 12 - k]
+    assert abs(sum(c * gamma ** (3 - i) for i, c in enumerate(cubic))) < 1e-9 * k * (gamma + 1)
+    assert all(sum(c * g ** (3 - i) for i, c in enumerate(cubic)) > 0 for g in (gamma + 0.01, gamma + 10))
+
+
+def test_power_ema_exponent_known_values_and_bad_input():
+    assert power_ema_exponent(0.05) == pytest.approx(16.972, abs=1e-3)   # EDM2's values for sigma_rel
+    assert power_ema_exponent(0.10) == pytest.approx(6.937, abs=1e-3)
+    for bad in (0.0, -0.1, 0.29, float("nan")):
+        with pytest.raises(ValueError, match="sigma_rel"):
+            power_ema_exponent(bad)
+
+
+def test_power_ema_decay_closed_form():
+    gamma = power_ema_exponent(0.1)
+    assert power_ema_decay(0, gamma) == 0.0                                  # the first update copies the model
+    assert power_ema_decay(1, gamma) == pytest.approx(0.5 ** (gamma + 1))
+    assert power_ema_decay(1999, gamma) == pytest.approx((1999 / 2000) ** 7.937204, rel=1e-9)
+    assert power_ema_decay(1999, gamma) == pytest.approx(0.99604, abs=1e-5)  # vs 0.9955 for the exponential one
+    values = [power_ema_decay(step, gamma) for step in range(0, 5000, 7)]
+    assert all(a < b for a, b in zip(values, values[1:])) and values[-1] < 1
+    with pytest.raises(ValueError):
+        power_ema_decay(-1, gamma)
+    with pytest.raises(ValueError):
+        power_ema_decay(3, -0.5)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.1])
+def test_power_ema_is_the_power_weighted_average_of_the_trajectory(sigma_rel):
+    """After n updates along theta_1 ... theta_n the EMA is sum_s w_s theta_s with the discrete power profile
+    w_s = (s^(gamma+1) - (s-1)^(gamma+1)) / n^(gamma+1) (Karras et al. 2024, Sec. 3.1), whose standard
+    deviation over s / n approaches sigma_rel."""
+    gamma, n = power_ema_exponent(sigma_rel), 300
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    ema = ema_copy(model)
+    trajectory = [[torch.randn_like(p) for p in model.parameters()] for _ in range(n)]
+    for step, weights in enumerate(trajectory):
+        with torch.no_grad():
+            for parameter, value in zip(model.parameters(), weights):
+                parameter.copy_(value)
+        ema_update(ema, model, power_ema_decay(step, gamma))
+    s = torch.arange(1, n + 1, dtype=torch.float64)
+    w = (s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / n ** (gamma + 1)
+    assert w.sum().item() == pytest.approx(1.0, abs=1e-12)
+    for i, parameter in enumerate(ema.parameters()):
+        expected = sum(w[k] * trajectory[k][i] for k in range(n))
+        torch.testing.assert_close(parameter, expected, rtol=0, atol=1e-12)
+    # The profile's width, as a fraction of the run: sigma_rel (to 1 / n discretisation).
+    s, n = torch.arange(1, 20_001, dtype=torch.float64), 20_000
+    w = (s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / n ** (gamma + 1)
+    mean = (w * s / n).sum()
+    assert ((w * (s / n - mean) ** 2).sum().sqrt().item()) == pytest.approx(sigma_rel, rel=1e-3)
 
 
 # ---- training loss --------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Parts of the training loop: the optimizer and its fallback on an older torch, autocast around the forward
-pass only, and what a multi-process run agrees on."""
+pass only, and the power-function EMA through train() and resume. (Multi-process runs: test_training.py.)"""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import diffunet.training as training
-from diffunet.training import TrainConfig, load_optimizer_state, make_optimizer
+from diffunet.ema import power_ema_decay, power_ema_exponent
+from diffunet.training import TrainConfig, load_optimizer_state, make_optimizer, resume_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -96,3 +99,37 @@ def test_backward_runs_outside_autocast_and_bf16_gradients_follow_fp32(tmp_path,
     cosine = torch.nn.functional.cosine_similarity(bf16, fp32, dim=0).item()
     print(f"bf16 vs fp32 first-step gradients: cosine {cosine:.6f}")   # 0.99999 for this model
     assert cosine > 0.999
+
+
+def test_power_ema_run_resumes_exactly_and_old_runs_keep_the_exponential_ema(tmp_path, monkeypatch):
+    options = dict(steps=4, batch_size=8, ema="power", ema_std=0.1, save_every=2, sample_every=100, device="cpu",
+                   num_samples=2, sample_steps=1, quiet=True, precision="fp32")
+    training.train(TrainConfig(out=str(tmp_path / "straight"), **options), TINY_MODEL)
+    real_update, calls = training.ema_update, []
+
+    def crash_on_third(ema, model, decay):
+        calls.append(decay)
+        real_update(ema, model, decay)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(training, "ema_update", crash_on_third)
+    with pytest.raises(RuntimeError):
+        training.train(TrainConfig(out=str(tmp_path / "resumed"), **options), TINY_MODEL)
+    gamma = power_ema_exponent(0.1)
+    assert calls == [power_ema_decay(step, gamma) for step in range(3)]      # 0, 0.5^(gamma+1), ...
+    monkeypatch.setattr(training, "ema_update", real_update)
+    training.train(resume_config(tmp_path / "resumed"))
+    a, b = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    # A run saved before the power EMA existed has no "ema" / "ema_std" in its config: it resumes exponential.
+    config_path = tmp_path / "resumed" / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("ema", "ema_std"):
+        del config["train"][key]
+    config_path.write_text(json.dumps(config))
+    old = resume_config(tmp_path / "resumed", steps=5)
+    assert old.ema == "exponential" and old.ema_std == TrainConfig().ema_std
+    training.train(old)
+    assert json.loads(config_path.read_text())["step"] == 5
