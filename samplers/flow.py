@@ -43,6 +43,15 @@ class RectifiedFlow(GaussianPath):
                              f"{tau.max().item() * TIME_SCALE:g}")
         return 1 - tau, tau
 
+    def _alpha_sigma_on_device(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """alpha = 1 - t / 1000, sigma = t / 1000 on t's device (float32 arithmetic, then `dtype`); the range is
+        checked there by torch._assert_async."""
+        if t.dim() > 1 or t.is_complex():
+            self.alpha_sigma(t)                                   # the one-line error; shape needs no sync
+        tau = t.float() / TIME_SCALE
+        torch._assert_async(((tau >= 0) & (tau <= 1)).all(), f"rectified-flow times must lie in 0..{TIME_SCALE:g}")
+        return (1 - tau).to(dtype), tau.to(dtype)
+
     def timesteps(self, steps: int, spacing: str = "trailing") -> Tensor:
         """`steps` descending model times (float64):
             trailing: tau_i = 1 - i / steps, i = 0 ... steps-1, warped by the shift

@@ -139,9 +139,19 @@ class GaussianPath:
         return values.to(device=like.device, dtype=like.dtype)
 
     def _alpha_sigma(self, t, like: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha_t and sigma_t computed in float64, shaped and cast to broadcast over `like`."""
-        alpha, sigma = self.alpha_sigma(t)
+        """alpha_t and sigma_t shaped and cast to broadcast over `like`: computed in float64 on the CPU, or for
+        t a tensor on an accelerator, looked up there (`_alpha_sigma_on_device`): copying t to the host to
+        check and index it would wait for the GPU in every training step."""
+        if isinstance(t, Tensor) and t.device.type != "cpu":
+            alpha, sigma = self._alpha_sigma_on_device(t, like.dtype)
+        else:
+            alpha, sigma = self.alpha_sigma(t)
         return self._broadcast(alpha, like), self._broadcast(sigma, like)
+
+    def _alpha_sigma_on_device(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(alpha_t, sigma_t) in `dtype` on t's device, without a device-to-host copy; the range of t is
+        checked with torch._assert_async (an error at the device's next sync, not a ValueError)."""
+        raise NotImplementedError
 
 
 def step_pairs(schedule: GaussianPath, steps: int, spacing: str) -> list[tuple]:

@@ -4,7 +4,9 @@ The forward process of Ho et al. 2020 ("Denoising Diffusion Probabilistic Models
 q(x_t | x0) = N(alpha_t x0, sigma_t^2 I) with alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t)
 and alpha_bar_t = prod_{s <= t} (1 - beta_s). Timesteps are indices 0 ... T-1; the samplers use
 t = -1 for the clean data (alpha_bar = 1). Everything is held in float64 on the CPU and cast to the
-input's device and dtype where used, so nothing float64 runs on an accelerator.
+input's device and dtype where used, so nothing float64 runs on an accelerator. For t on an accelerator
+(a training step's draws), alpha and sigma are looked up in tables cast once per device and dtype, so
+no step waits for a copy of t to the host.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class NoiseSchedule(GaussianPath):
     alphas: Tensor = field(init=False)           # [T] alpha_t = 1 - beta_t (Ho et al. notation)
     alpha_bar: Tensor = field(init=False)        # [T] prod_{s <= t} alpha_s; 0 only at zero terminal SNR
     alpha_bar_prev: Tensor = field(init=False)   # [T] alpha_bar_{t-1}, with alpha_bar_{-1} = 1
+    _device_tables: dict = field(init=False, default_factory=dict)  # (device, dtype) -> [2, T] alpha, sigma
 
     def __post_init__(self):
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu().clone()
@@ -233,6 +236,19 @@ class NoiseSchedule(GaussianPath):
             raise ValueError(f"t must lie in 0..{self.num_timesteps - 1}; "
                              f"got values {t.min().item()}..{t.max().item()}")
         return t.long()
+
+    def _alpha_sigma_on_device(self, t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """alpha_t, sigma_t looked up on t's device in [2, T] tables made once per device and dtype (from the
+        float64 values, so they equal the CPU path's); t is checked there by torch._assert_async."""
+        if t.is_floating_point() or t.is_complex() or t.dim() > 1:
+            self._check_timesteps(t)                              # the one-line error; dtype and shape need no sync
+        torch._assert_async(((t >= 0) & (t < self.num_timesteps)).all(), f"t must lie in 0..{self.num_timesteps - 1}")
+        key = (t.device, dtype)
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.stack([self.alpha_bar.sqrt(), (1 - self.alpha_bar).sqrt()]).to(
+                device=t.device, dtype=dtype)
+        alpha, sigma = self._device_tables[key]
+        return alpha[t], sigma[t]
 
     def _at(self, values: Tensor, t, like: Tensor) -> Tensor:
         """values[t] shaped to broadcast over `like` ([B] -> [B, 1, ..., 1]), in like's device and dtype."""

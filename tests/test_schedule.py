@@ -240,3 +240,28 @@ def test_inputs_are_cast_to_the_data_dtype_and_t_is_checked():
             schedule.add_noise(x0, bad_t, x0)
     with pytest.raises(ValueError, match="prediction"):
         schedule.training_target(x0, x0, 0, "score")
+
+
+@pytest.mark.parametrize("path", [NoiseSchedule.linear(1000), NoiseSchedule.cosine(1000).rescale_zero_terminal_snr(),
+                                  NoiseSchedule.rectified_flow(3.0)], ids=["linear", "cosine_zsnr", "flow"])
+def test_training_math_on_an_accelerator_never_copies_t_to_the_host(path):
+    """add_noise and training_target for t on an accelerator look alpha and sigma up on that device, so a
+    training step never waits for the GPU: on the meta device (no data, every device-to-host copy raises)
+    they run, and the lookup equals the CPU's float64 path cast to the data's dtype."""
+    t = torch.tensor([0, 1, 500, 999]) if isinstance(path, NoiseSchedule) else torch.tensor([0.0, 1.5, 500.0, 1000.0])
+    x0 = torch.empty(4, 3, 8, 16, device="meta")
+    assert path.add_noise(x0, t.to("meta"), x0).shape == x0.shape
+    assert path.training_target(x0, x0, t.to("meta"), "v").shape == x0.shape
+    with pytest.raises(NotImplementedError, match="meta"):
+        t.to("meta").cpu()                                          # what the CPU path would do with it
+    for dtype in (torch.float32, torch.bfloat16):
+        alpha, sigma = path._alpha_sigma_on_device(t, dtype)        # the device path, run here on CPU tensors
+        alpha64, sigma64 = path.alpha_sigma(t)
+        assert alpha.dtype == sigma.dtype == dtype
+        torch.testing.assert_close(alpha, alpha64.to(dtype), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sigma, sigma64.to(dtype), rtol=1e-6, atol=1e-7)
+    bad = torch.tensor([0, 1000]) if isinstance(path, NoiseSchedule) else torch.tensor([0.0, 1001.0])
+    with pytest.raises(RuntimeError, match="must lie in"):           # the device assert (at once on the CPU)
+        path._alpha_sigma_on_device(bad, torch.float32)
+    with pytest.raises(ValueError, match="must"):                    # the CPU path keeps its one-line error
+        path.add_noise(torch.zeros(2, 1, 4, 4), bad, torch.zeros(2, 1, 4, 4))
