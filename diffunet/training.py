@@ -41,6 +41,11 @@ from .unet import PRESETS, UNet, UNetConfig
 PROBE_STEPS = (5, 25)  # --minutes: the time per step is measured between these steps
 
 
+def _named(field: str) -> str:
+    """A TrainConfig field as errors name it, for Python and command-line users alike: "lr (--lr)"."""
+    return f"{field} (--{field.replace('_', '-')})"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: str = "builtin"               # builtin (shipped MNIST subset) | mnist | fashion-mnist | PATH
@@ -103,52 +108,57 @@ class TrainConfig:
                    "sampler": tuple(samplers.SAMPLERS), "preset": ("auto", *PRESETS), "ema": ("exponential", "power")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; "
+                raise ValueError(f"{_named(name)} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, name)!r}")
         positive = ("steps", "batch_size", "grad_accum", "num_timesteps", "log_every", "save_every",
                     "sample_every", "num_samples", "sample_steps")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+                raise ValueError(f"{_named(name)} must be positive; got {getattr(self, name)}")
         if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
-            raise ValueError(f"--minutes must be a positive number of minutes; got {self.minutes}")
+            raise ValueError(f"{_named('minutes')} must be a positive number of minutes; got {self.minutes}")
         if self.image_size is not None and self.image_size <= 0:
-            raise ValueError(f"--image-size must be positive; got {self.image_size}")
+            raise ValueError(f"{_named('image_size')} must be positive; got {self.image_size}")
         if not 0 <= self.alpha_background <= 255:
-            raise ValueError(f"--alpha-background must be a gray level in 0..255 (0 black, 255 white); "
+            raise ValueError(f"{_named('alpha_background')} must be a gray level in 0..255 (0 black, 255 white); "
                              f"got {self.alpha_background}")
         if self.channels not in (None, 1, 3):
-            raise ValueError(f"--channels must be 1 or 3; got {self.channels}")
+            raise ValueError(f"{_named('channels')} must be 1 or 3; got {self.channels}")
         for name in ("lr", "weight_decay", "adam_beta2", "grad_clip", "ema_max_decay", "ema_std", "min_snr_gamma",
                      "logsnr_mean", "logsnr_std", "logit_mean", "logit_std", "flow_shift", "label_dropout", "guidance"):
             if not math.isfinite(getattr(self, name)):  # nan or inf, e.g. --lr 1e999
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number; got {getattr(self, name)}")
+                raise ValueError(f"{_named(name)} must be a finite number; got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.ema_max_decay < 1 and 0 <= self.label_dropout < 1):
-            raise ValueError("need --lr > 0, 0 <= --ema-max-decay < 1 and 0 <= --label-dropout < 1")
+            raise ValueError(f"need {_named('lr')} > 0 and {_named('ema_max_decay')} and {_named('label_dropout')} "
+                             f"in [0, 1); got {self.lr}, {self.ema_max_decay} and {self.label_dropout}")
         if not 0 < self.ema_std < POWER_EMA_MAX_STD:
-            raise ValueError(f"--ema-std must be in (0, {POWER_EMA_MAX_STD:.4f}) (EDM2 uses 0.05-0.10); "
+            raise ValueError(f"{_named('ema_std')} must be in (0, {POWER_EMA_MAX_STD:.4f}) (EDM2 uses 0.05-0.10); "
                              f"got {self.ema_std}")
         for name in ("logsnr_std", "logit_std", "flow_shift"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive; got {getattr(self, name)}")
+                raise ValueError(f"{_named(name)} must be positive; got {getattr(self, name)}")
         if self.schedule == "rectified_flow" and (self.prediction == "eps" or self.zero_terminal_snr):
-            raise ValueError("--schedule rectified_flow reaches pure noise at t = 1000, where eps gives no x0: use "
-                             "--prediction flow, v or x0 (and no --zero-terminal-snr, which is for VP schedules)")
+            raise ValueError(f"{_named('schedule')} rectified_flow reaches pure noise at t = 1000, where eps gives no "
+                             f"x0: use {_named('prediction')} flow, v or x0 (and no {_named('zero_terminal_snr')}, "
+                             f"which is for VP schedules)")
         if not 0 <= self.adam_beta2 < 1:
-            raise ValueError(f"--adam-beta2 must be in [0, 1); got {self.adam_beta2}")
+            raise ValueError(f"{_named('adam_beta2')} must be in [0, 1); got {self.adam_beta2}")
         if self.lr > 1e3 or not 0 <= self.lr * self.weight_decay < 1:  # AdamW overflows float32, or flips weights
-            raise ValueError(f"need --lr <= 1000 and 0 <= --lr x --weight-decay < 1 (AdamW scales the weights by "
+            raise ValueError(f"need {_named('lr')} <= 1000 and 0 <= lr x {_named('weight_decay')} < 1 (AdamW scales "
+                             f"the weights by "
                              f"1 - lr * weight_decay each step); got {self.lr} and {self.weight_decay}")
         for name in ("warmup_steps", "grad_clip"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (0 disables it); got {getattr(self, name)}")
+                raise ValueError(f"{_named(name)} must be >= 0 (0 disables it); got {getattr(self, name)}")
         if self.sample_steps > self.num_timesteps:  # found now, not at the first grid after hours of training
-            raise ValueError(f"--sample-steps must be at most --num-timesteps ({self.num_timesteps}); "
+            raise ValueError(f"{_named('sample_steps')} must be at most {_named('num_timesteps')} "
+                             f"({self.num_timesteps}); "
                              f"got {self.sample_steps}")
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"--seed must be in 0..{2**32 - 1}; got {self.seed}")
+            raise ValueError(f"{_named('seed')} must be in 0..{2**32 - 1}; got {self.seed}")
         if self.zero_terminal_snr and self.prediction == "eps":
-            raise ValueError("--zero-terminal-snr needs --prediction v or x0 (eps is undefined at SNR 0)")
+            raise ValueError(f"{_named('zero_terminal_snr')} needs {_named('prediction')} v or x0 (eps is undefined "
+                             f"at SNR 0)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,7 +218,7 @@ def batch_indices(num_images: int, global_batch: int, position: int, seed: int) 
     per_epoch = num_images // global_batch
     if per_epoch == 0:
         raise UserError(f"the dataset has {num_images} images, fewer than one batch of {global_batch}; "
-                        f"lower --batch-size")
+                        f"lower {_named('batch_size')}")
     epoch, offset = divmod(position, per_epoch)
     permutation = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
     return permutation[offset * global_batch:(offset + 1) * global_batch]
@@ -234,14 +244,14 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise UserError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}") from None
+        raise UserError(f"{_named('device')} must be auto, cpu, cuda, cuda:N or mps; got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+        raise UserError(f"{_named('device')} {name} was asked for but CUDA is not available; use cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise UserError(f"{_named('device')} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of those")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"--device {name} was asked for but MPS is not available; use --device cpu")
+        raise UserError(f"{_named('device')} {name} was asked for but MPS is not available; use cpu")
     return device
 
 
@@ -496,7 +506,8 @@ def _kept(out: Path, saved_step: int | None, bf16: bool) -> str:
     """The end of a divergence message: what is kept, and what to do (fp32 is a remedy only if the run was bf16)."""
     kept = f"the last good checkpoint (step {saved_step}) in {out} is kept" if saved_step is not None \
         else f"no checkpoint was saved in {out} yet"
-    return f"{kept}. Lower --lr{' or use --precision fp32' if bf16 else ''}, then --resume"
+    fp32 = f" or set {_named('precision')} fp32" if bf16 else ""
+    return f"{kept}. Lower {_named('lr')}{fp32}, then resume (--resume)"
 
 
 def _check_finite(model: torch.nn.Module, step: int, out: Path, saved_step: int | None, bf16: bool) -> None:

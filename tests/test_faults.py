@@ -387,7 +387,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, t
     assert main(train_argv(data, out, steps=8, save_every=2)) == 1
     error = capsys.readouterr().err.strip()
     assert error == (f"diffunet train: error: loss became nan at step 5; the last good checkpoint (step 4) in {out} "
-                     f"is kept. Lower --lr, then --resume")
+                     f"is kept. Lower lr (--lr), then resume (--resume)")
     assert {name: (out / name).read_bytes() for name in kept} == kept
     assert check_run_folder(out) == [] and load_training_state(out)["step"] == 4
 
@@ -409,7 +409,7 @@ def test_weights_that_turn_nan_are_never_saved(data, tmp_path, monkeypatch, caps
     assert main(train_argv(data, out, steps=6)) == 1
     error = capsys.readouterr().err.strip()
     assert error == (f"diffunet train: error: the weights became inf or nan at step 3 and were not saved; "
-                     f"the last good checkpoint (step 2) in {out} is kept. Lower --lr, then --resume")
+                     f"the last good checkpoint (step 2) in {out} is kept. Lower lr (--lr), then resume (--resume)")
     assert {name: (out / name).read_bytes() for name in kept} == kept
     assert check_run_folder(out) == [] and load_training_state(out)["step"] == 2
 
@@ -419,6 +419,7 @@ def test_huge_learning_rate_stops_with_a_clear_line(data, tmp_path, capsys):
     assert main([*train_argv(data, out, steps=8), "--lr", "1000", "--warmup-steps", "0"]) == 1
     error = capsys.readouterr().err.strip()
     found = re.fullmatch(rf"diffunet train: error: loss became (nan|inf) at step (\d+); the last good checkpoint "
-                         rf"\(step (\d+)\) in {re.escape(str(out))} is kept. Lower --lr, then --resume", error)
+                         rf"\(step (\d+)\) in {re.escape(str(out))} is kept. Lower lr \(--lr\), then resume "
+                         rf"\(--resume\)", error)
     assert found and int(found[3]) == int(found[2]) - 1, error
     assert check_run_folder(out) == [] and load_training_state(out)["step"] == int(found[3])

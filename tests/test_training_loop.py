@@ -133,3 +133,20 @@ def test_power_ema_run_resumes_exactly_and_old_runs_keep_the_exponential_ema(tmp
     assert old.ema == "exponential" and old.ema_std == TrainConfig().ema_std
     training.train(old)
     assert json.loads(config_path.read_text())["step"] == 5
+
+
+@pytest.mark.parametrize("fields, words", [
+    (dict(lr=float("inf")), "lr (--lr) must be a finite number; got inf"),
+    (dict(steps=0), "steps (--steps) must be positive; got 0"),
+    (dict(prediction="noise"), "prediction (--prediction) must be one of eps, x0, v, flow; got 'noise'"),
+    (dict(ema="karras"), "ema (--ema) must be one of exponential, power"),
+    (dict(ema_std=0.3), "ema_std (--ema-std) must be in (0, 0.2887)"),
+    (dict(ema_max_decay=1.0), "ema_max_decay (--ema-max-decay) and label_dropout (--label-dropout) in [0, 1); got"),
+    (dict(schedule="rectified_flow", prediction="eps"), "use prediction (--prediction) flow, v or x0"),
+    (dict(sample_steps=2000), "sample_steps (--sample-steps) must be at most num_timesteps (--num-timesteps) (1000)"),
+])
+def test_config_errors_name_the_field_and_its_flag(fields, words):
+    """TrainConfig is built from Python as often as from the command line: its errors name the field first."""
+    with pytest.raises(ValueError) as error:
+        TrainConfig(**fields)
+    assert words in str(error.value) and not str(error.value).startswith("--"), str(error.value)
