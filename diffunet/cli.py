@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw images from a trained run")
     sample.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
-    sample.add_argument("--num", type=int, default=64, help="number of images (default: 64)")
+    sample.add_argument("--num", type=int, default=None,
+                        help="number of images (default: 64); with --cond, outputs per input (default: 1)")
     sample.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun (default: the run's)")
     sample.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
     sample.add_argument("--seed", type=int, default=0, help="image i depends only on (seed, i)")
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out-dir", default=None, help="also write one PNG per image here")
     sample.add_argument("--label", type=int, default=None, help="class label for every image")
     sample.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    sample.add_argument("--cond", default=None, help="a task run's input image, or a folder of them: one row per "
+                        "input (the input, then its outputs); --out-dir writes NAME.png (NAME_K.png for --num > 1)")
+    sample.add_argument("--mask", default=None, help="inpaint runs: same-size picture, WHITE (>= 128) = keep")
+    sample.add_argument("--cond-guidance", type=float, default=1.0,
+                        help="classifier-free guidance on --cond (runs trained with --cond-dropout; default: 1)")
     sample.add_argument("--batch-size", type=int, default=64, help="images per forward batch")
     sample.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     sample.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -128,8 +134,12 @@ def run_sample(args: argparse.Namespace) -> None:
     from .run import load_run
     from .training import pick_device
 
+    per_input = args.num if args.num is not None else 1
+    args.num = args.num if args.num is not None else 64
     if not 0 < args.num <= MAX_NUM_SAMPLES:
         raise UserError(f"--num must be between 1 and {MAX_NUM_SAMPLES}; got {args.num}")
+    if not math.isfinite(args.cond_guidance):
+        raise UserError(f"--cond-guidance must be a finite number; got {args.cond_guidance}")
     if args.steps is not None and args.steps <= 0:
         raise UserError(f"--steps must be a positive number of sampler steps; got {args.steps}")
     if args.guidance is not None and not math.isfinite(args.guidance):
@@ -142,10 +152,23 @@ def run_sample(args: argparse.Namespace) -> None:
             raise UserError(f"{flag} {path} is {'a file' if want == 'folder' else 'a folder'}; give a {want} path")
     run = load_run(args.checkpoint, device=pick_device(args.device))
     _check_label_and_guidance(args, run.num_classes)
+    names, cond, mask = _read_cond(args, run)
+    if cond is not None:  # a task run: `per_input` outputs per input, input n's k-th is image n * per_input + k
+        args.num = len(cond) * per_input
+        if args.num > MAX_NUM_SAMPLES:
+            raise UserError(f"{len(cond)} inputs x --num {per_input} is over {MAX_NUM_SAMPLES} images; lower --num")
+        cond = cond.repeat_interleave(per_input, dim=0)
     x0 = run.sample(args.num, seed=args.seed, label=args.label, guidance=args.guidance, sampler=args.sampler,
-                    steps=args.steps, batch_size=args.batch_size, progress=args.progress)
+                    steps=args.steps, batch_size=args.batch_size, progress=args.progress, cond=cond, mask=mask,
+                    cond_guidance=args.cond_guidance)
     images = to_uint8(x0)                                                   # [N, C, H, W] uint8
-    save_image(make_grid(images, nrow=run.num_classes if run.num_classes and args.label is None else None), args.out)
+    if cond is None:
+        save_image(make_grid(images, nrow=run.num_classes if run.num_classes and args.label is None else None), args.out)
+    else:
+        from .tasks import cond_picture
+        inputs = to_uint8(cond_picture(run.task, run.condition(args.num, cond, mask), images.shape[1]))
+        rows = torch.cat([inputs[::per_input, None], images.reshape(len(names), per_input, *images.shape[1:])], 1)
+        save_image(make_grid(rows.flatten(0, 1), nrow=per_input + 1), args.out)
     if args.npz:
         arrays = images[:, 0].numpy() if images.shape[1] == 1 else images.numpy()
         buffer = io.BytesIO()
@@ -153,8 +176,38 @@ def run_sample(args: argparse.Namespace) -> None:
         atomic_write_bytes(args.npz, buffer.getvalue())
     if args.out_dir:
         for i, image in enumerate(images):
-            save_image(image, Path(args.out_dir) / f"{i:06d}.png")
+            name = f"{i:06d}" if cond is None else Path(names[i // per_input]).stem + \
+                (f"_{i % per_input}" if per_input > 1 else "")
+            save_image(image, Path(args.out_dir) / f"{name}.png")
     print(f"wrote {args.num} samples to {args.out}")
+
+
+def _read_cond(args, run) -> tuple[list[str], torch.Tensor | None, torch.Tensor | None]:
+    """--cond (a picture or a folder of them) and --mask: (input names, uint8 [N, C', h, w] or None, keep mask)."""
+    from .data import _convert_channels, _read_image
+    from .inpaint import _read_picture
+    from .tasks import _image_names
+
+    if args.cond is None:
+        if args.mask is not None:
+            raise UserError("--mask goes with --cond (the image to fill in) for an inpaint run")
+        return [], None, None
+    folder = Path(args.cond)
+    if not folder.exists():
+        raise UserError(f"--cond {folder} does not exist; give an image or a folder of images")
+    names = _image_names(folder) if folder.is_dir() else [folder.name]
+    if not names:
+        raise UserError(f"--cond {folder} holds no images; put the inputs there as PNG files")
+    paths = [folder / name for name in names] if folder.is_dir() else [folder]
+    channels = {"pairs": run.task.cond_channels, "colorize": 3}.get(run.task.kind, run.image_shape[0])
+    arrays = [_convert_channels(_read_image(path), channels) for path in paths]     # each [h, w, C']
+    if any(array.shape != arrays[0].shape for array in arrays):
+        odd = next(name for name, array in zip(names, arrays) if array.shape != arrays[0].shape)
+        raise UserError(f"--cond {folder}: {odd} is not the size of {names[0]}; give inputs of one size")
+    cond = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()      # [N, C', h, w] uint8
+    _, height, width = run.image_shape
+    mask = None if args.mask is None else (_read_picture(args.mask, "--mask", 1, height, width) >= 128).float()
+    return names, cond, mask
 
 
 def _check_label_and_guidance(args, num_classes: int | None) -> None:

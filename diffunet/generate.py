@@ -11,6 +11,7 @@ import samplers
 from samplers import NoiseSchedule
 
 from .errors import UserError
+from .tasks import with_condition
 
 
 def image_generators(seed: int, start: int, stop: int) -> list[torch.Generator]:
@@ -29,6 +30,8 @@ def generate(
     prediction: str = "eps",
     labels: Tensor | None = None,
     guidance: float = 1.0,
+    cond: Tensor | None = None,
+    cond_guidance: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
@@ -41,6 +44,8 @@ def generate(
         model: a denoiser `model(x_t, t, y=...)`; put it in eval mode first.
         labels: [num] class labels (long), or None for an unconditional draw. -1 means "no label".
         guidance: classifier-free guidance scale; 1.0 means plain conditional sampling.
+        cond: [num, cond_channels, H, W] condition images of a task run (tasks.py), or None.
+        cond_guidance: classifier-free guidance on `cond` (a run trained with cond dropout); 1.0 = none.
         seed: image i depends only on (seed, i), never on the batch size or the device.
     Returns:
         float tensor [num, C, H, W] on the CPU, roughly in [-1, 1].
@@ -60,7 +65,8 @@ def generate(
         stop = min(start + batch_size, num)
         generators = image_generators(seed, start, stop)
         x = samplers.randn((stop - start, *image_shape), generator=generators, device=device)
-        denoiser = _bind_labels(model, labels[start:stop].to(device) if labels is not None else None, guidance)
+        conditioned = model if cond is None else with_condition(model, cond[start:stop].to(device), cond_guidance)
+        denoiser = _bind_labels(conditioned, labels[start:stop].to(device) if labels is not None else None, guidance)
         with torch.inference_mode():
             x0 = samplers.sample(denoiser, x, schedule, method=sampler, steps=steps, prediction=prediction,
                                  clip_x0=clip_x0, generator=generators, progress=progress)

@@ -21,6 +21,7 @@ from samplers import NoiseSchedule
 from .checkpoint import CONFIG_FILE, MODEL_FILE, load_model, read_config
 from .errors import CheckpointError, UserError
 from .generate import generate
+from .tasks import Task, condition_from_inputs
 from .unet import UNet, UNetConfig
 
 # How a run whose stored train config predates the sampling fields is sampled (TrainConfig's defaults).
@@ -28,11 +29,12 @@ LEGACY_SAMPLING = {"sampler": "ddpm", "sample_steps": 50, "guidance": 1.0}
 
 
 def make_run_config(model_config: UNetConfig, schedule: NoiseSchedule, prediction: str, train_config: dict,
-               image_shape: tuple[int, ...], data_name: str | None) -> dict:
-    """The config.json of a run: what `load_run` reads back (checkpoint.save_model adds the format version)."""
+               image_shape: tuple[int, ...], data_name: str | None, task: dict | None = None) -> dict:
+    """The config.json of a run: what `load_run` reads back (checkpoint.save_model adds the format version).
+    `task` is a `tasks.Task` dict: what the run's condition image is (none for an unconditional run)."""
     return {"model": model_config.to_dict(), "schedule": schedule.to_dict(), "prediction": prediction,
             "train": train_config, "image_shape": list(image_shape), "num_classes": model_config.num_classes,
-            "data_name": data_name}
+            "data_name": data_name, "task": task or Task().to_dict()}
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Run:
     guidance: float                     # its default classifier-free guidance scale
     step: int | None                    # optimizer steps behind these weights
     data_name: str | None               # the dataset it was trained on
+    task: Task = Task()                 # what its condition image is (tasks.py); Task() = none, for older runs
 
     @property
     def device(self) -> torch.device:
@@ -68,23 +71,50 @@ class Run:
 
     def sample(self, num: int, seed: int = 0, label: int | None = None, guidance: float | None = None,
                sampler: str | None = None, steps: int | None = None, batch_size: int = 64,
-               progress: bool = False) -> Tensor:
+               progress: bool = False, cond: Tensor | None = None, mask: Tensor | None = None,
+               cond_guidance: float = 1.0) -> Tensor:
         """Draw `num` images; image i depends only on (seed, i), as in `diffunet sample`.
 
         Args:
-            label: class of every image; None gives one class per image in turn (0, 1, 2, ...).
+            label: class of every image; None gives one class per image in turn (0, 1, 2, ...), or for a
+                task run given `cond`, "no label" (the condition decides).
             guidance, sampler, steps: None takes the run's own (see `Run.guidance` etc.).
+            cond: a task run's inputs, [1 or num, C', h, w] uint8 or float in [-1, 1]
+                (`tasks.condition_from_inputs`: e.g. 7x7 images for a superres:4 run on 28x28); one input is
+                used for all `num` images. Required for a task run, refused otherwise.
+            mask: inpaint runs: [1 or num, 1, H, W], 1 = keep, 0 = fill in.
+            cond_guidance: classifier-free guidance on the condition (runs trained with cond dropout).
         Returns:
             float tensor [num, C, H, W] on the CPU, in [-1, 1].
         """
-        labels = self.labels(num, label)
+        condition = self.condition(num, cond, mask)
+        if condition is not None and label is None and self.num_classes:
+            from .inpaint import _no_labels  # the condition decides the class, as the known pixels do there
+            labels = _no_labels(self, num, guidance)
+        else:
+            labels = self.labels(num, label)
         if labels is None and guidance is not None:
             raise UserError(f"guidance needs a class-conditional model; {self.path} was trained without labels")
         return generate(self.model, self.schedule, num, self.image_shape, sampler=sampler or self.sampler,
                         steps=steps if steps is not None else self.steps, prediction=self.prediction,
                         labels=labels, guidance=(guidance if guidance is not None else self.guidance)
                         if labels is not None else 1.0,
-                        seed=seed, batch_size=batch_size, device=self.device, progress=progress)
+                        seed=seed, batch_size=batch_size, device=self.device, progress=progress,
+                        cond=condition, cond_guidance=cond_guidance)
+
+    def condition(self, num: int, cond: Tensor | None, mask: Tensor | None = None) -> Tensor | None:
+        """[num, cond_channels, H, W] conditions from a user's inputs (None for a run without a task)."""
+        if self.task.kind == "none":
+            if cond is not None or mask is not None:
+                raise UserError(f"{self.path} was trained without a condition (no --task); sample it without cond")
+            return None
+        if cond is None:
+            raise UserError(f"{self.path} is a {self.task.name} run: give its inputs as cond "
+                            f"(diffunet sample --cond IMAGE_OR_FOLDER)")
+        condition = condition_from_inputs(self.task, cond, self.image_shape, mask)
+        if len(condition) not in (1, num):
+            raise UserError(f"got {len(condition)} condition inputs for {num} images; give one, or one per image")
+        return condition.expand(num, *condition.shape[1:])
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
@@ -115,7 +145,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
                sampler=train_config.get("sampler", LEGACY_SAMPLING["sampler"]),
                steps=train_config.get("sample_steps", LEGACY_SAMPLING["sample_steps"]),
                guidance=train_config.get("guidance", LEGACY_SAMPLING["guidance"]),
-               step=config.get("step"), data_name=config.get("data_name"))
+               step=config.get("step"), data_name=config.get("data_name"), task=Task.from_dict(config.get("task")))
 
 
 # ---- continuing a run --------------------------------------------------------------------------
@@ -135,7 +165,7 @@ def stored_model_fields(path: str | Path) -> dict:
 def check_continues(path: str | Path, config: dict) -> None:
     """Refuse to resume the run in `path` with a `make_run_config(...)` dict that trains a different model.
 
-    The architecture, the noise schedule, the prediction target and the image shape must be the run's.
+    The task, the architecture, the noise schedule, the prediction target and the image shape must be the run's.
 
     Raises:
         CheckpointError: naming the first field that differs.
@@ -149,6 +179,10 @@ def check_continues(path: str | Path, config: dict) -> None:
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"the run config of {path} is invalid ({error}); "
                               f"restore the config.json written with the run") from None
+    old_task, new_task = Task.from_dict(stored.get("task")), Task.from_dict(config.get("task"))
+    if old_task.name != new_task.name:  # first: it explains a differing cond_channels
+        raise CheckpointError(f"cannot resume {path}: task is {new_task.name!r} here but {old_task.name!r} in the "
+                              f"run; {fix}")
     for section, old in sections.items():
         new = config[section]
         for key in sorted(set(old) | set(new), key=lambda key: (key != "kind", key)):  # a schedule's kind first

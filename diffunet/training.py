@@ -25,10 +25,10 @@ from tqdm import tqdm
 import samplers
 from samplers import NoiseSchedule
 
-from . import __version__
+from . import __version__, tasks
 from .checkpoint import (capture_rng_states, load_training_state, restore_rng_states, save_model,
                          save_training_state)
-from .data import ImageData, load_data, save_image, make_grid, to_model_range, to_uint8
+from .data import ImageData, save_image, make_grid, to_model_range, to_uint8
 from .ema import POWER_EMA_MAX_STD, ema_copy, ema_decay, ema_update, power_ema_decay, power_ema_exponent
 from .errors import CheckpointError, UserError
 from .generate import generate
@@ -87,6 +87,9 @@ class TrainConfig:
     flip: bool = False                  # random horizontal flips (off for digits and text, on for faces, emoji, ...)
     class_conditional: bool = True      # use labels when the data has them
     label_dropout: float = 0.1          # probability of dropping a label (trains the guidance branch)
+    task: str = "none"                  # image to image (diffunet/tasks.py): none | superres:F | inpaint | colorize
+    data_cond: str | None = None        # your own aligned pairs: a folder with inputs/ and targets/, or an .npz
+    cond_dropout: float = 0.0           # probability of zeroing an example's condition (trains condition guidance)
     precision: str = "auto"             # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
     compile: bool = False               # torch.compile the model for training
     device: str = "auto"                # auto | cpu | cuda | mps
@@ -159,6 +162,9 @@ class TrainConfig:
         if self.zero_terminal_snr and self.prediction == "eps":
             raise ValueError(f"{_named('zero_terminal_snr')} needs {_named('prediction')} v or x0 (eps is undefined "
                              f"at SNR 0)")
+        tasks.parse_task(self.task, self.data_cond)  # a bad --task is refused now, before the data loads
+        if not (math.isfinite(self.cond_dropout) and 0 <= self.cond_dropout < 1):
+            raise ValueError(f"{_named('cond_dropout')} must be in [0, 1); got {self.cond_dropout}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,11 +200,13 @@ def choose_preset(image_shape: tuple[int, ...]) -> tuple[str, str]:
     return "small64", f"colour {height}x{width} images: small64 (sized for 64x64 on a CPU)"
 
 
-def model_config(cfg: TrainConfig, data: ImageData, overrides: dict | None = None) -> UNetConfig:
-    """The preset (chosen from the data for "auto"), sized to the data's channels and classes, with user
-    overrides applied."""
+def model_config(cfg: TrainConfig, data: ImageData, overrides: dict | None = None,
+                 cond_channels: int = 0) -> UNetConfig:
+    """The preset (chosen from the data for "auto"), sized to the data's channels and classes and to the
+    task's condition (`cond_channels`), with user overrides applied."""
     num_classes = data.num_classes if cfg.class_conditional else None
-    fields = {"in_channels": data.images.shape[1], "num_classes": num_classes, **(overrides or {})}
+    fields = {"in_channels": data.images.shape[1], "num_classes": num_classes, "cond_channels": cond_channels,
+              **(overrides or {})}
     preset = choose_preset(tuple(data.images.shape[1:]))[0] if cfg.preset == "auto" else cfg.preset
     config = PRESETS[preset](**fields)
     channels = data.images.shape[1]
@@ -206,8 +214,9 @@ def model_config(cfg: TrainConfig, data: ImageData, overrides: dict | None = Non
         raise UserError(f"the data has {channels} channel(s) but the model takes {config.in_channels} and predicts "
                         f"{config.out_channels or config.in_channels}; drop --model-in-channels/--model-out-channels "
                         f"or convert the data with --channels")
-    if not config.time_conditional or config.cond_channels or config.padding != "same":
-        raise UserError(f"a denoiser needs time_conditional=True, cond_channels=0 and padding='same'; the {cfg.preset} "
+    if not config.time_conditional or config.cond_channels != cond_channels or config.padding != "same":
+        raise UserError(f"a denoiser needs time_conditional=True, cond_channels={cond_channels} (from --task) and "
+                        f"padding='same'; the {cfg.preset} "
                         f"preset with these --model-* flags has {config.time_conditional}, {config.cond_channels} "
                         f"and {config.padding!r}. Change the flags or the --preset")
     return config
@@ -298,19 +307,21 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
     # Data: one uint8 tensor in memory; batches are sliced from it, not decoded per step.
-    data = load_data(cfg.data, image_size=cfg.image_size, channels=cfg.channels, alpha_background=cfg.alpha_background,
-                     progress=not cfg.quiet and rank == 0)
+    # A task run (--task, --data-cond) also has a condition per image: derived from it, or the user's `paired` input.
+    task, data, paired = tasks.load_task_data(cfg, progress=not cfg.quiet and rank == 0)
     images = data.images
     labels = data.labels if cfg.class_conditional else None
     if state is not None:  # continue the stored architecture; overrides that change it are refused below
-        model_overrides = {**stored_model_fields(out), **(model_overrides or {})}
-    model_cfg = model_config(cfg, data, model_overrides)
+        model_overrides = {**stored_model_fields(out), "cond_channels": task.cond_channels, **(model_overrides or {})}
+    model_cfg = model_config(cfg, data, model_overrides, task.cond_channels)
     schedule = make_schedule(cfg)
-    run_config = make_run_config(model_cfg, schedule, cfg.prediction, cfg.to_dict(), images.shape[1:], data.name)
+    run_config = make_run_config(model_cfg, schedule, cfg.prediction, cfg.to_dict(), images.shape[1:], data.name,
+                                 task.to_dict())
     if cfg.preset == "auto":  # say what was chosen and why, in config.json and on the console
         run_config["preset_choice"] = choose_preset(tuple(images.shape[1:]))
         if rank == 0 and not cfg.quiet:
             print(f"--preset auto: {run_config['preset_choice'][1]}", flush=True)
+    preview = tasks.preview(task, images, paired, labels, cfg.seed) if task.kind != "none" else None
     if state is not None:
         check_continues(out, run_config)  # same architecture, schedule, prediction and image shape
 
@@ -357,15 +368,19 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                 index = batch_indices(len(images), cfg.batch_size * world, position, cfg.seed)
                 index = index[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
                 x0 = to_model_range(images[index]).to(device, non_blocking=True)
+                if paired is not None:  # the user's inputs ride along as channels, so that a flip mirrors both
+                    x0 = torch.cat([x0, to_model_range(paired[index]).to(device, non_blocking=True)], dim=1)
                 if cfg.flip:  # each image mirrored with probability 1/2, drawn from the saved generator
                     x0 = random_flip(x0, noise_generator)
+                x0, cond = tasks.split_batch(task, x0, noise_generator, cfg.cond_dropout)  # cond: SR3's y, or None
+                denoiser = forward if cond is None else tasks.with_condition(forward, cond)
                 y = _drop_labels(labels[index], cfg.label_dropout, noise_generator, device) if labels is not None else None
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 # no_sync spans forward and backward (DDP reads it in both); autocast the forward and loss
                 # only, as torch.autocast asks: backward runs each op in the dtype its forward chose.
                 with ddp_model.no_sync() if not sync else contextlib.nullcontext():
                     with autocast:
-                        loss = training_loss(forward, x0, schedule, prediction=cfg.prediction,
+                        loss = training_loss(denoiser, x0, schedule, prediction=cfg.prediction,
                                              weighting=cfg.loss_weighting, min_snr_gamma=cfg.min_snr_gamma,
                                              timestep_sampling=cfg.timestep_sampling, logsnr_mean=cfg.logsnr_mean,
                                              logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
@@ -411,7 +426,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                 _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
                 saved_step = step
             if rank == 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device, out / f"samples_{step:06d}.png")
+                _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device,
+                             out / f"samples_{step:06d}.png", preview)
             if step < cfg.steps and _stop_requested(interrupt, world, device):  # Ctrl-C: save whole steps, stop
                 _check_finite(model, step, out, saved_step, bf16)
                 _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_config)
@@ -424,7 +440,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
     bar.close()
     if rank == 0 and state is not None and int(state["step"]) == cfg.steps:
         # Resuming a finished run, perhaps killed between its last save and its grid: draw the grid.
-        _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device, out / f"samples_{step:06d}.png")
+        _sample_grid(cfg, ema, schedule, model_cfg, images.shape[1:], device,
+                     out / f"samples_{step:06d}.png", preview)
     if world > 1:
         dist.barrier()
     return out
@@ -594,14 +611,18 @@ def _save(out, rank, world, step, model, ema, optimizer, noise_generator, run_co
 
 
 @torch.no_grad()
-def _sample_grid(cfg, ema, schedule, model_cfg, image_shape, device, path) -> None:
-    """Sample a grid from the EMA weights (one digit class per column when class-conditional)."""
+def _sample_grid(cfg, ema, schedule, model_cfg, image_shape, device, path, preview=None) -> None:
+    """Sample a grid from the EMA weights (one digit class per column when class-conditional); for a task run,
+    rows of conditions, outputs and targets of a few training examples (a `tasks.Preview`)."""
     labels = None
     if model_cfg.num_classes:
         labels = torch.arange(cfg.num_samples) % model_cfg.num_classes
-    x0 = generate(ema, schedule, cfg.num_samples, tuple(image_shape), sampler=cfg.sampler,
-                  steps=cfg.sample_steps, prediction=cfg.prediction, labels=labels,
-                  guidance=cfg.guidance, seed=cfg.seed, device=device)
-    grid = make_grid(to_uint8(x0), nrow=model_cfg.num_classes or None)
+    if preview is not None:
+        labels = preview.labels
+    x0 = generate(ema, schedule, len(preview.cond) if preview else cfg.num_samples, tuple(image_shape),
+                  sampler=cfg.sampler, steps=cfg.sample_steps, prediction=cfg.prediction, labels=labels,
+                  guidance=cfg.guidance, seed=cfg.seed, device=device, cond=preview.cond if preview else None)
+    rows = preview.grid_rows(x0) if preview else x0
+    grid = make_grid(to_uint8(rows), nrow=len(x0) if preview else model_cfg.num_classes or None)
     for target in (path, path.parent / "samples_latest.png"):
         save_image(grid, target)
