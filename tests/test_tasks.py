@@ -248,7 +248,7 @@ def test_runs_without_a_task_key_load_as_task_none(tmp_path, tiny_npz):
         run.sample(1, steps=1, cond=torch.zeros(1, 1, 12, 12))
 
 
-def test_inpaint_run_resumes_exactly(tmp_path, tiny_npz):
+def test_inpaint_run_resumes_exactly_and_samples_with_a_mask(tmp_path, tiny_npz, capsys):
     flags = ("--data", str(tiny_npz), "--task", "inpaint", "--cond-dropout", "0.2")
     assert main(task_argv(tmp_path / "straight", 4, *flags)) == 0
     assert main(task_argv(tmp_path / "resumed", 2, *flags)) == 0
@@ -263,6 +263,14 @@ def test_inpaint_run_resumes_exactly(tmp_path, tiny_npz):
     keep[..., 6:] = 0
     assert run.task.cond_channels == 2 and run.sample(2, steps=2, cond=torch.zeros(1, 1, 12, 12), mask=keep,
                                                         label=1).shape == (2, 1, 12, 12)
+    save_image(torch.full((1, 12, 12), 200, dtype=torch.uint8), tmp_path / "digit.png")
+    save_image((keep[0] * 255).to(torch.uint8), tmp_path / "mask.png")
+    sample = ["sample", "--checkpoint", str(tmp_path / "resumed"), "--cond", str(tmp_path / "digit.png"), "--steps", "2",
+              "--out", str(tmp_path / "grid.png"), "--no-progress"]
+    assert main([*sample, "--mask", str(tmp_path / "mask.png")]) == 0
+    assert main(sample) == 1
+    error = capsys.readouterr().err
+    assert "an inpaint run needs a mask" in error and error.count("\n") == 1
 
 
 def test_resume_refuses_another_task(tmp_path, tiny_npz, capsys):
