@@ -130,7 +130,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from .data import make_grid, save_image, to_uint8
+    from .images import make_grid, save_image, to_uint8
     from .run import load_run
     from .training import pick_device
 

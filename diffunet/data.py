@@ -27,8 +27,6 @@ from tqdm import tqdm
 from .atomic import atomic_write
 from .download import load_remote
 from .errors import DataError
-# Re-exported for training.py, cli.py and evaluate.py, which import them from here; new code imports .images.
-from .images import make_grid, save_image, to_model_range, to_uint8  # noqa: F401
 
 BUILTIN_FILE = Path(__file__).resolve().parent / "assets" / "mnist_10k.npz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -28,7 +28,8 @@ from samplers import NoiseSchedule
 from . import __version__, tasks
 from .checkpoint import (capture_rng_states, load_training_state, restore_rng_states, save_model,
                          save_training_state)
-from .data import ImageData, save_image, make_grid, to_model_range, to_uint8
+from .data import ImageData
+from .images import make_grid, save_image, to_model_range, to_uint8
 from .ema import POWER_EMA_MAX_STD, ema_copy, ema_decay, ema_update, power_ema_decay, power_ema_exponent
 from .errors import CheckpointError, UserError
 from .generate import generate
