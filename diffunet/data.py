@@ -91,8 +91,8 @@ def load_data(source: str | os.PathLike, *, image_size: int | None = None, chann
             raise DataError(f"{path} is neither a folder nor an .npz/.npy file; {SOURCES_HINT}")
         images, labels = _read_arrays(path, split)
         name, class_names = path.stem, None
-    images = _channels_last(images, name)
-    images = _convert_channels(images, channels or (1 if _is_gray(images) else 3), alpha_background)
+    images = as_nhwc(images, name)
+    images = convert_channels(images, channels or (1 if is_gray(images) else 3), alpha_background)
     if image_size is not None and images.shape[1:3] != (image_size, image_size):
         images = np.stack([_resize_crop(image, image_size) for image in images])
     return _image_data(images, labels, name, class_names)
@@ -147,7 +147,7 @@ def _read_arrays(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]
     return images, labels
 
 
-def _channels_last(images: np.ndarray, where: str) -> np.ndarray:
+def as_nhwc(images: np.ndarray, where: str) -> np.ndarray:
     """[N, H, W], [N, H, W, C] or [N, C, H, W] -> [N, H, W, C] with C in 1..4."""
     if images.ndim == 3:
         return images[..., None]
@@ -159,14 +159,14 @@ def _channels_last(images: np.ndarray, where: str) -> np.ndarray:
                     f"must be second or last")
 
 
-def _is_gray(images: np.ndarray) -> bool:
+def is_gray(images: np.ndarray) -> bool:
     """True when [..., C] images are gray (C = 1, or gray + alpha) or their colour channels are equal."""
     if images.shape[-1] <= 2:
         return True
     return bool((images[..., 0] == images[..., 1]).all() and (images[..., 1] == images[..., 2]).all())
 
 
-def _convert_channels(images: np.ndarray, channels: int, background: int = 0) -> np.ndarray:
+def convert_channels(images: np.ndarray, channels: int, background: int = 0) -> np.ndarray:
     """uint8 [..., C] with C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA -> [..., channels].
 
     Without a target alpha, alpha is composited over the gray level `background`:
@@ -212,9 +212,7 @@ def _load_folder(folder: Path, image_size: int | None, channels: int | None, spl
     if not any(folder.iterdir()):
         raise DataError(f"folder {folder} is empty; put images in it ({', '.join(IMAGE_SUFFIXES)}), "
                         f"optionally one subfolder per class")
-    paths = sorted((path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES
-                    and path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)),
-                   key=lambda path: path.relative_to(folder).as_posix())
+    paths = image_paths(folder)
     if not paths:
         raise DataError(f"folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); "
                         f"point the data path at the folder that holds them")
@@ -228,7 +226,7 @@ def _load_folder(folder: Path, image_size: int | None, channels: int | None, spl
     images = []
     # A bar only where decoding takes a while; leave=False so an error is the last line on a terminal.
     for path in tqdm(paths, desc="reading images", disable=not progress or len(paths) < 500, leave=False):
-        image = _read_image(path)  # resized at once, so that big photos are never all held at full size
+        image = read_image(path)  # resized at once, so that big photos are never all held at full size
         if image_size is not None and image.shape[:2] != (image_size, image_size):
             image = _resize_crop(image, image_size)
         if image_size is None and images and image.shape[:2] != images[0].shape[:2]:
@@ -237,7 +235,7 @@ def _load_folder(folder: Path, image_size: int | None, channels: int | None, spl
                             f"{path.name} is {width}x{height}); pass --image-size N to resize and crop them")
         images.append(image)
     target = channels or (1 if all(image.shape[-1] <= 2 for image in images) else 3)
-    images = [_convert_channels(image, target, alpha_background) for image in images]
+    images = [convert_channels(image, target, alpha_background) for image in images]
     labels = None
     if len(class_names) > 1:  # one subfolder is just a wrapper, not a class
         index = {name: i for i, name in enumerate(class_names)}
@@ -245,7 +243,19 @@ def _load_folder(folder: Path, image_size: int | None, channels: int | None, spl
     return _image_data(np.stack(images), labels, folder.resolve().name, class_names if labels is not None else None)
 
 
-def _read_image(path: Path) -> np.ndarray:
+def image_paths(folder: Path) -> list[Path]:
+    """The image files under `folder` that a folder dataset reads: no hidden ones, sorted by relative POSIX path."""
+    return sorted((path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES
+                   and path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)),
+                  key=lambda path: path.relative_to(folder).as_posix())
+
+
+def image_names(folder: Path) -> list[str]:
+    """`image_paths(folder)` as relative POSIX names (how pairs and --cond folders match files up)."""
+    return [path.relative_to(folder).as_posix() for path in image_paths(folder)]
+
+
+def read_image(path: Path) -> np.ndarray:
     """Decode one file to uint8 [H, W, C]: C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA (gray content kept gray)."""
     try:
         with Image.open(path) as picture:
@@ -256,7 +266,7 @@ def _read_image(path: Path) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise DataError(f"cannot read image {path} ({reason}); delete or replace it") from None
-    if array.shape[-1] >= 3 and _is_gray(array):
+    if array.shape[-1] >= 3 and is_gray(array):
         array = array[..., [0, 3]] if array.shape[-1] == 4 else array[..., :1]
     return array
 

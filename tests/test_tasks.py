@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from diffunet import load_run
 from diffunet.cli import main
-from diffunet.data import _convert_channels
+from diffunet.data import convert_channels
 from diffunet.errors import DataError, UserError
 from diffunet.images import save_image, to_uint8
 from diffunet.tasks import (Task, bind, condition_from_inputs, load_pairs, luma, parse_task, random_masks,
@@ -84,7 +84,7 @@ def test_colorize_condition_is_the_luma():
     assert task.cond_channels == 1 and cond.shape == (4, 1, 8, 16)
     torch.testing.assert_close(cond[:, 0], 0.299 * x0[:, 0] + 0.587 * x0[:, 1] + 0.114 * x0[:, 2])
     pixels = torch.randint(0, 256, (4, 3, 8, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    gray = _convert_channels(pixels.permute(0, 2, 3, 1).numpy(), 1)                  # data.py's RGB -> gray
+    gray = convert_channels(pixels.permute(0, 2, 3, 1).numpy(), 1)                  # data.py's RGB -> gray
     ours = to_uint8(luma(pixels.float() / 127.5 - 1))[:, 0].numpy()
     assert np.abs(ours.astype(int) - gray[..., 0].astype(int)).max() <= 1
     with pytest.raises(UserError, match="colorize needs colour"):
