@@ -29,12 +29,10 @@ if "DIFFUNET_DATA" not in os.environ and (SHARED_DATA / "mnist.npz").is_file():
 
 import torch  # noqa: E402
 
-import samplers  # noqa: E402
-from samplers.repaint import repaint  # noqa: E402
-from diffunet.images import make_grid, save_image, to_model_range, to_uint8  # noqa: E402
+from diffunet.images import make_grid, save_image, to_uint8  # noqa: E402
 from diffunet.evaluate import _feature_statistics, eval_data, split_real  # noqa: E402
 from diffunet.features import ClassifierConfig  # noqa: E402
-from diffunet.generate import _bind_labels, generate, image_generators  # noqa: E402
+from diffunet.generate import generate  # noqa: E402
 from diffunet.run import load_run  # noqa: E402
 
 
@@ -50,36 +48,22 @@ def masks(kind: str, num: int, height: int, width: int, seed: int) -> torch.Tens
 
 
 def complete(run, originals: torch.Tensor, keep: torch.Tensor, args, resamples: int) -> tuple[torch.Tensor, int]:
-    """RePaint completions (resamples = 1: plain replacement) of uint8 `originals`; returns (uint8, model calls)."""
-    calls = 0
-
-    def counted(x, t):
-        nonlocal calls
-        calls += 1
-        return denoiser(x, t)
-    out = []
-    for start in range(0, len(originals), args.batch_size):
-        stop = min(start + args.batch_size, len(originals))
-        labels = torch.full((stop - start,), -1, device=run.device) if run.num_classes else None
-        denoiser = _bind_labels(run.model, labels, 1.0)
-        generators = image_generators(args.seed, start, stop)
-        x = samplers.randn((stop - start, *run.image_shape), generators, device=run.device)
-        known = to_model_range(originals[start:stop]).to(run.device)
-        calls_before = calls
-        with torch.inference_mode():
-            filled = repaint(counted, x, run.schedule, known, keep[start:stop].to(run.device), args.steps,
-                             jump_length=args.jump_length, resamples=resamples, prediction=run.prediction,
-                             clip_x0=1.0, generator=generators)
-        per_batch = calls - calls_before
-        out.append(to_uint8(filled.float().cpu()))
-    return torch.cat(out), per_batch
+    """RePaint completions (resamples = 1: plain replacement) of uint8 `originals` with no label; returns
+    (uint8 completions, model calls per batch)."""
+    calls = []
+    hook = run.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        filled = run.inpaint(originals, keep, seed=args.seed, steps=args.steps, jump_length=args.jump_length,
+                             resamples=resamples, batch_size=args.batch_size)
+    finally:
+        hook.remove()
+    return to_uint8(filled), len(calls) // -(-len(originals) // args.batch_size)
 
 
 def unconditional(run, num: int, args) -> torch.Tensor:
     """Samples that ignore the image: ancestral DDPM with the run's default steps, no label."""
-    labels = torch.full((num,), -1) if run.num_classes else None
     return to_uint8(generate(run.model, run.schedule, num, run.image_shape, sampler="ddpm", steps=args.steps,
-                             prediction=run.prediction, labels=labels, seed=args.seed,
+                             prediction=run.prediction, labels=run.no_labels(num), seed=args.seed,
                              batch_size=args.batch_size, device=run.device))
 
 
@@ -99,9 +83,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     run = load_run(args.checkpoint)
-    if run.num_classes and not run.train_config.get("label_dropout", 0) > 0:
-        raise SystemExit("this run never trained its no-label branch (label_dropout 0); unconditional completion "
-                         "needs one")
+    run.no_labels(1)                          # refuses a run that never trained its no-label branch
     source = args.data or run.train_config.get("data") or run.data_name
     real = eval_data(source, run.train_config)
     order = torch.randperm(len(real.test.images), generator=torch.Generator().manual_seed(args.seed))

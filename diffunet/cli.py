@@ -131,6 +131,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 def run_sample(args: argparse.Namespace) -> None:
     from .images import make_grid, save_image, to_uint8
+    from .inputs import check_label_and_guidance, read_cond
     from .run import load_run
     from .training import pick_device
 
@@ -151,8 +152,8 @@ def run_sample(args: argparse.Namespace) -> None:
         if path and Path(path).exists() and Path(path).is_dir() != (want == "folder"):  # found before sampling
             raise UserError(f"{flag} {path} is {'a file' if want == 'folder' else 'a folder'}; give a {want} path")
     run = load_run(args.checkpoint, device=pick_device(args.device))
-    _check_label_and_guidance(args, run.num_classes)
-    names, cond, mask = _read_cond(args, run)
+    check_label_and_guidance(args, run.num_classes)
+    names, cond, mask = read_cond(args, run)
     if cond is not None:  # a task run: `per_input` outputs per input, input n's k-th is image n * per_input + k
         args.num = len(cond) * per_input
         if args.num > MAX_NUM_SAMPLES:
@@ -180,45 +181,6 @@ def run_sample(args: argparse.Namespace) -> None:
                 (f"_{i % per_input}" if per_input > 1 else "")
             save_image(image, Path(args.out_dir) / f"{name}.png")
     print(f"wrote {args.num} samples to {args.out}")
-
-
-def _read_cond(args, run) -> tuple[list[str], torch.Tensor | None, torch.Tensor | None]:
-    """--cond (a picture or a folder of them) and --mask: (input names, uint8 [N, C', h, w] or None, keep mask)."""
-    from .data import _convert_channels, _read_image
-    from .inpaint import _read_picture
-    from .tasks import _image_names
-
-    if args.cond is None:
-        if args.mask is not None:
-            raise UserError("--mask goes with --cond (the image to fill in) for an inpaint run")
-        return [], None, None
-    folder = Path(args.cond)
-    if not folder.exists():
-        raise UserError(f"--cond {folder} does not exist; give an image or a folder of images")
-    names = _image_names(folder) if folder.is_dir() else [folder.name]
-    if not names:
-        raise UserError(f"--cond {folder} holds no images; put the inputs there as PNG files")
-    paths = [folder / name for name in names] if folder.is_dir() else [folder]
-    channels = {"pairs": run.task.cond_channels, "colorize": 3}.get(run.task.kind, run.image_shape[0])
-    arrays = [_convert_channels(_read_image(path), channels) for path in paths]     # each [h, w, C']
-    if any(array.shape != arrays[0].shape for array in arrays):
-        odd = next(name for name, array in zip(names, arrays) if array.shape != arrays[0].shape)
-        raise UserError(f"--cond {folder}: {odd} is not the size of {names[0]}; give inputs of one size")
-    cond = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()      # [N, C', h, w] uint8
-    _, height, width = run.image_shape
-    mask = None if args.mask is None else (_read_picture(args.mask, "--mask", 1, height, width) >= 128).float()
-    return names, cond, mask
-
-
-def _check_label_and_guidance(args, num_classes: int | None) -> None:
-    """--label and --guidance errors in the words of the flags (Run.sample checks the same, in its own)."""
-    if not num_classes:
-        if args.label is not None:
-            raise UserError("--label was given but this model is unconditional (trained without labels)")
-        if args.guidance is not None:
-            raise UserError("--guidance needs a class-conditional model; this one was trained without labels")
-    elif args.label is not None and not 0 <= args.label < num_classes:
-        raise UserError(f"--label must be in 0..{num_classes - 1} for this model; got {args.label}")
 
 
 def run_eval(args: argparse.Namespace) -> None:

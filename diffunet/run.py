@@ -18,9 +18,10 @@ from torch import Tensor
 
 from samplers import NoiseSchedule
 
-from .checkpoint import CONFIG_FILE, MODEL_FILE, load_model, read_config
+from .checkpoint import CONFIG_FILE, MODEL_FILE, read_config, read_model
 from .errors import CheckpointError, UserError
-from .generate import generate
+from .generate import generate, generate_inpainted
+from .images import to_model_range
 from .tasks import Task, condition_from_inputs
 from .unet import UNet, UNetConfig
 
@@ -69,6 +70,24 @@ class Run:
             raise UserError(f"label must be in 0..{self.num_classes - 1} for {self.path}; got {label}")
         return torch.full((num,), label) if label is not None else torch.arange(num) % self.num_classes
 
+    def no_labels(self, num: int, guidance: float | None = None) -> Tensor | None:
+        """[num] "no label" (-1) for a class-conditional run, so the known pixels or the condition alone decide
+        the class (the branch classifier-free guidance trains by label dropout); None for an unconditional run.
+
+        Raises:
+            UserError: guidance was asked for (it pushes towards a class, and none is given), or the run
+                never trained its no-label branch (label_dropout 0).
+        """
+        if not self.num_classes:
+            return None
+        if guidance is not None:
+            raise UserError("guidance (--guidance) needs a label (--label): it pushes towards a class, and none "
+                            "was given")
+        if not self.train_config.get("label_dropout", 0) > 0:
+            raise UserError(f"{self.path} was trained without label dropout, so it cannot draw an image without a "
+                            f"class; give a label (--label)")
+        return torch.full((num,), -1)
+
     def sample(self, num: int, seed: int = 0, label: int | None = None, guidance: float | None = None,
                sampler: str | None = None, steps: int | None = None, batch_size: int = 64,
                progress: bool = False, cond: Tensor | None = None, mask: Tensor | None = None,
@@ -88,19 +107,49 @@ class Run:
             float tensor [num, C, H, W] on the CPU, in [-1, 1].
         """
         condition = self.condition(num, cond, mask)
-        if condition is not None and label is None and self.num_classes:
-            from .inpaint import _no_labels  # the condition decides the class, as the known pixels do there
-            labels = _no_labels(self, num, guidance)
-        else:
-            labels = self.labels(num, label)
+        unlabelled = condition is not None and label is None    # the condition decides the class
+        labels = self.no_labels(num, guidance) if unlabelled else self.labels(num, label)
         if labels is None and guidance is not None:
             raise UserError(f"guidance needs a class-conditional model; {self.path} was trained without labels")
         return generate(self.model, self.schedule, num, self.image_shape, sampler=sampler or self.sampler,
                         steps=steps if steps is not None else self.steps, prediction=self.prediction,
-                        labels=labels, guidance=(guidance if guidance is not None else self.guidance)
-                        if labels is not None else 1.0,
+                        labels=labels, guidance=self._guidance(guidance, labels is None or unlabelled),
                         seed=seed, batch_size=batch_size, device=self.device, progress=progress,
                         cond=condition, cond_guidance=cond_guidance)
+
+    def inpaint(self, image: Tensor, keep: Tensor, num: int | None = None, seed: int = 0, label: int | None = None,
+                guidance: float | None = None, steps: int = 50, jump_length: int = 10, resamples: int = 10,
+                batch_size: int = 64, progress: bool = False) -> Tensor:
+        """Fill in the part of `image` where `keep` is 0, with no retraining (RePaint, `samplers.repaint`), as
+        `diffunet inpaint` does; completion i depends only on (seed, i).
+
+        Args:
+            image: [1 or N, C, H, W] uint8, or float in [-1, 1]: the images to complete, the run's size.
+            keep: [1 or N, 1, H, W]: 1 = keep the pixel, 0 = fill in.
+            num: completions; None = one per image (N). One image is completed `num` times.
+            label: class of every completion; None = "no label" (the known pixels decide; `no_labels`).
+            steps, jump_length, resamples: RePaint's descent, J and R (R = 1: plain replacement).
+        Returns:
+            float tensor [num, C, H, W] on the CPU in [-1, 1], equal to the image where keep is 1.
+        """
+        num = len(image) if num is None else num
+        if tuple(image.shape[1:]) != self.image_shape or keep.shape[1:] != (1, *self.image_shape[1:]):
+            raise UserError(f"inpaint needs images [N, {', '.join(map(str, self.image_shape))}] and masks "
+                            f"[N, 1, {self.image_shape[1]}, {self.image_shape[2]}] for {self.path}; got "
+                            f"{list(image.shape)} and {list(keep.shape)}")
+        if len(image) not in (1, num) or len(keep) not in (1, num):
+            raise UserError(f"got {len(image)} images and {len(keep)} masks for {num} completions; give one, or one "
+                            f"per completion")
+        labels = self.labels(num, label) if label is not None else self.no_labels(num, guidance)
+        known = to_model_range(image) if image.dtype == torch.uint8 else image.float()
+        return generate_inpainted(self.model, self.schedule, known, keep.float(), num, steps=steps,
+                                  jump_length=jump_length, resamples=resamples, prediction=self.prediction,
+                                  labels=labels, guidance=self._guidance(guidance, label is None),
+                                  seed=seed, batch_size=batch_size, device=self.device, progress=progress)
+
+    def _guidance(self, guidance: float | None, unlabelled: bool) -> float:
+        """The guidance scale to sample with: none (1.0) without a class to push towards, else given or the run's."""
+        return 1.0 if unlabelled else guidance if guidance is not None else self.guidance
 
     def condition(self, num: int, cond: Tensor | None, mask: Tensor | None = None) -> Tensor | None:
         """[num, cond_channels, H, W] conditions from a user's inputs (None for a run without a task)."""
@@ -115,6 +164,12 @@ class Run:
         if len(condition) not in (1, num):
             raise UserError(f"got {len(condition)} condition inputs for {num} images; give one, or one per image")
         return condition.expand(num, *condition.shape[1:])
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    """The UNet (eval mode, on `device`) and the whole stored config of a run folder or weights file
+    (`checkpoint.read_model`; `UNet.from_pretrained` is the network alone)."""
+    return read_model(path, UNet.from_fields, device=device)
 
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:

@@ -21,6 +21,7 @@ import torch
 
 from samplers import NoiseSchedule, randn
 from samplers.repaint import _alpha_sigma, _jump_schedule, repaint
+from diffunet.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -281,7 +282,7 @@ def test_inpaint_cli_without_label_completes_with_the_no_label_branch(tiny_runs,
     assert inpaint(runs["labelled"], root, tmp_path / "x.png") == 1              # no trained no-label branch
     assert "trained without label dropout" in capsys.readouterr().err
     assert inpaint(runs["dropout"], root, tmp_path / "y.png", "--guidance", "2") == 1
-    assert "--guidance needs --label" in capsys.readouterr().err
+    assert "needs a label (--label)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, file, message", [
@@ -306,3 +307,35 @@ def test_inpaint_help_states_the_mask_convention(capsys):
     with pytest.raises(SystemExit):
         main(["inpaint", "--help"])
     assert "WHITE = KEEP" in capsys.readouterr().out
+
+
+def test_run_inpaint_is_the_cli_completion_and_does_not_depend_on_the_batch_size(tiny_runs, tmp_path):
+    from diffunet import load_run
+    from diffunet.images import to_uint8
+
+    runs, root, pixels, keep = tiny_runs
+    run = load_run(runs["plain"])
+    image, kept = pixels[None, None], (keep == 255)[None, None]
+    options = dict(seed=3, steps=6, jump_length=2, resamples=2)
+    whole = run.inpaint(image, kept, K, batch_size=K, **options)                     # [K, 1, H, W] in [-1, 1]
+    assert whole.shape == (K, 1, HEIGHT, WIDTH)
+    assert torch.allclose(run.inpaint(image, kept, K, batch_size=2, **options), whole, atol=1e-4)  # (seed, i) only
+    assert inpaint(runs["plain"], root, tmp_path / "a.png", "--seed", "3") == 0
+    assert torch.equal(read_tiles(tmp_path / "a.png", K + 2)[2:], to_uint8(whole)[:, 0])
+    several = torch.stack([pixels, pixels.flip(1)])[:, None]                          # one completion per image
+    filled = to_uint8(run.inpaint(several, kept, **options))
+    assert torch.equal(filled[1, 0][kept[0, 0]], pixels.flip(1)[kept[0, 0]])
+    with pytest.raises(UserError, match="masks"):
+        run.inpaint(image, kept[..., :-1], K)
+
+
+def test_run_no_labels_is_the_trained_no_label_branch_or_a_one_line_refusal(tiny_runs):
+    from diffunet import load_run
+
+    runs = tiny_runs[0]
+    assert load_run(runs["plain"]).no_labels(3) is None
+    assert torch.equal(load_run(runs["dropout"]).no_labels(3), torch.full((3,), -1))
+    with pytest.raises(UserError, match="without label dropout"):
+        load_run(runs["labelled"]).no_labels(3)
+    with pytest.raises(UserError, match="needs a label"):
+        load_run(runs["dropout"]).no_labels(3, guidance=2.0)
