@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a clon
 from common import bench_device, interleaved, load, synchronize  # noqa: E402  (benchmarks/common.py)
 from diffunet import UNet, UNetConfig  # noqa: E402
 from diffunet.allocator import keep_freed_memory  # noqa: E402
-from diffunet.checkpoint import load_model  # noqa: E402
+from diffunet.run import load_model  # noqa: E402
 from diffunet.ema import ema_copy, ema_decay, ema_update  # noqa: E402
 from diffunet.generate import generate  # noqa: E402
 from diffunet.loss import training_loss  # noqa: E402

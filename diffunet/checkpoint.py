@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,7 +32,6 @@ from . import __version__
 from .atomic import atomic_write_bytes
 from .errors import CheckpointError
 from .serialiser import flatten, restore
-from .unet import UNet, UNetConfig
 
 FORMAT_VERSION = 1                      # bump when the run-folder layout changes incompatibly
 CONFIG_FILE = "config.json"
@@ -57,7 +56,7 @@ def save_model(path: str | Path, model: nn.Module, extra_config: dict | None = N
         The path of the weights file.
     """
     model = _unwrap(model)
-    if not isinstance(getattr(model, "config", None), UNetConfig):
+    if not callable(getattr(getattr(model, "config", None), "to_dict", None)):
         raise TypeError(f"save_model needs a diffunet UNet (with a UNetConfig .config); got {type(model).__name__}")
     config = {"format_version": FORMAT_VERSION, "diffunet_version": __version__, **(extra_config or {}),
               "model": model.config.to_dict()}
@@ -73,8 +72,10 @@ def save_model(path: str | Path, model: nn.Module, extra_config: dict | None = N
     return weights_file
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
-    """Rebuild a UNet from a run folder or a `.safetensors` file; no architecture arguments needed.
+def read_model(path: str | Path, build: Callable[[dict], nn.Module],
+               device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a network from a run folder or a `.safetensors` file; no architecture arguments needed.
+    (`UNet.from_pretrained` and `run.load_model` call it with the UNet's builder; this module imports no network.)
 
     A run folder's `config.json` describes the model (falling back to the weights' metadata when
     it is absent); a lone `.safetensors` file uses its metadata (or a `config.json` beside it). A
@@ -83,6 +84,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UN
 
     Args:
         path: run folder, `.safetensors`, or `.pt`/`.pth` file.
+        build: makes the untrained network from the config's "model" fields (`UNetConfig.to_dict()`).
         device: where to put the model.
 
     Returns:
@@ -101,7 +103,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UN
             raise CheckpointError(f"{path} has no {MODEL_FILE} (no weights saved yet?); {FIX_RUN}")
         tensors, _ = _read_safetensors(weights_file)
     try:
-        model = UNet(UNetConfig.from_dict(config["model"]))
+        model = build(config["model"])
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"the model config for {weights_file} is invalid ({_one_line(error)}); "
                               f"restore the config.json saved with these weights") from None

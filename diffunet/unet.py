@@ -206,8 +206,13 @@ class UNet(nn.Module):
         Returns:
             the UNet in eval mode (a run's EMA weights). `diffunet.load_run` also gives its schedule.
         """
-        from .checkpoint import load_model  # here, so that the backbone imports only torch, einops and itself
-        return load_model(path, device=device)[0]
+        from .checkpoint import read_model  # here, so that the backbone imports only torch, einops and itself
+        return read_model(path, cls.from_fields, device=device)[0]
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> UNet:
+        """An untrained UNet from a stored `UNetConfig.to_dict()` (fields it predates take their defaults)."""
+        return cls(UNetConfig.from_dict(fields))
 
     # ---- construction: channel bookkeeping happens here, once ----
     def _block(self, in_channels: int, out_channels: int) -> nn.Module:

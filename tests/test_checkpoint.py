@@ -17,10 +17,11 @@ from safetensors.torch import load_file, save_file
 
 import diffunet.checkpoint as checkpoint
 from diffunet import UNet, UNetConfig
-from diffunet.checkpoint import (capture_rng_states, load_model, load_torch_file, load_training_state,
+from diffunet.checkpoint import (capture_rng_states, load_torch_file, load_training_state,
                                  read_config, restore_rng_states, save_model, save_training_state)
 from diffunet.ema import ema_copy, ema_decay, ema_update
 from diffunet.errors import CheckpointError
+from diffunet.run import load_model
 from diffunet.loss import training_loss
 from diffunet.serialiser import flatten, restore
 from samplers import NoiseSchedule
@@ -270,6 +271,7 @@ FILE_SIZE_LIMIT_CHILD = """
 import resource, signal, sys, torch
 from diffunet.checkpoint import save_training_state
 from diffunet.errors import CheckpointError
+from diffunet.run import load_model
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffunet import UNet, UNetConfig
-from diffunet.checkpoint import load_model
+from diffunet.run import load_model
 from diffunet.cli import main
 from diffunet.data import BUILTIN_FILE
 from diffunet.generate import generate

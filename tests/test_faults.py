@@ -27,7 +27,8 @@ from PIL import Image
 from safetensors import safe_open
 
 import diffunet.training as training
-from diffunet.checkpoint import load_model, load_training_state
+from diffunet.checkpoint import load_training_state
+from diffunet.run import load_model
 from diffunet.cli import main
 from helpers import FAST, TINY, write_tiny_npz
 

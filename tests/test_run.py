@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 import diffunet
 from diffunet import Run, UNet, load_run
-from diffunet.checkpoint import load_model, save_model
+from diffunet.checkpoint import save_model
+from diffunet.run import load_model
 from diffunet.cli import main
 from diffunet.images import to_uint8
 from diffunet.errors import CheckpointError, UserError
