@@ -1,7 +1,7 @@
 """What an FD ratio means: the Fréchet distance (over its real-vs-real floor) that `diffunet eval`
-would report for real test images with one known defect each, at the same N and in the same feature
-space. Read a model's "FD 25.3 (floor 12.4), 2.0x" against this table: on MNIST that is as far
-from real digits as the same digits dimmed by 5%, and closer than a one-pixel shift.
+would report for real test images with one known defect each, at the same N, in both of its feature
+spaces (FD and FD strict). Read a model's "FD 25.3 (floor 12.4), 2.0x" against this table: on MNIST
+that is as far from real digits as the same digits dimmed by 5%, and closer than a one-pixel shift.
 
     python benchmarks/fd_calibration.py                      # MNIST, N = 1,000
     python benchmarks/fd_calibration.py --data fashion-mnist
@@ -9,7 +9,7 @@ from real digits as the same digits dimmed by 5%, and closer than a one-pixel sh
 
 Each defect is applied to the floor's real stand-in set and measured against the same reference sets
 as `diffunet eval --seed S` uses (N random test images each, up to 4, FD averaged over them); the
-classifier is the cached one `diffunet eval` uses (trained on first use, about a minute).
+classifiers are the cached ones `diffunet eval` uses (trained on first use, a minute or two each).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from diffunet.data import load_data  # noqa: E402
 from diffunet.evaluate import split_real  # noqa: E402
-from diffunet.features import cached_classifier, classify, frechet_distance  # noqa: E402
+from diffunet.features import STRICT_CLASSIFIER, ClassifierConfig, cached_classifier, classify, frechet_distance  # noqa: E402
 
 
 def defects(images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
@@ -80,22 +80,30 @@ def main() -> None:
     if len(sets) < 2:
         sys.exit(f"--num must be at most {len(test.images) // 2} for {args.data}'s test split; got {args.num}")
     stand_in, references = sets[0], sets[1:]
-    net, path, _ = cached_classifier(train.images, train.labels, train.num_classes, train.name, progress=True)
-    reference_features = [classify(net, test.images[index])[0] for index in references]
+    spaces = {"FD": ClassifierConfig(), "FD strict": STRICT_CLASSIFIER}               # as `diffunet eval` has them
+    nets = {name: cached_classifier(train.images, train.labels, train.num_classes, train.name, config,
+                                    progress=True)[0] for name, config in spaces.items()}
+    reference_features = {name: [classify(net, test.images[index])[0] for index in references]
+                          for name, net in nets.items()}
     rows = defects(test.images[stand_in], test.labels[stand_in], args.seed)
     for npz in args.npz:
         with np.load(npz) as arrays:
             rows[Path(npz).name] = torch.from_numpy(arrays["samples"])[:args.num]
 
-    print(f"{args.data}, N = {args.num}, {len(references)} reference sets, seed {args.seed}; classifier {path.name}\n")
-    print("defect | FD | x floor")
-    print("--- | --- | ---")
-    floor = None
-    for name, images in rows.items():
-        features = classify(net, images)[0]
-        distance = sum(frechet_distance(features, reference) for reference in reference_features) / len(references)
-        floor = floor or distance
-        print(f"{name} | {distance:.1f} | {distance / floor:.1f}")
+    print(f"{args.data}, N = {args.num}, {len(references)} reference sets, seed {args.seed}; "
+          f"feature spaces: {', '.join(spaces)} (features.ClassifierConfig(), features.STRICT_CLASSIFIER)\n")
+    print("defect | " + " | ".join(f"{name} | x floor" for name in spaces))
+    print("---" + " | --- | ---" * len(spaces))
+    floors = {}
+    for row, images in rows.items():
+        cells = []
+        for name, net in nets.items():
+            features = classify(net, images)[0]
+            distance = sum(frechet_distance(features, reference) for reference in reference_features[name]) \
+                / len(references)
+            floors.setdefault(name, distance)
+            cells.append(f"{distance:.1f} | {distance / floors[name]:.1f}")
+        print(f"{row} | " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

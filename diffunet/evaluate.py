@@ -6,6 +6,8 @@ the baselines needed to read them.
                   package's own classifier (features.py), next to the same distance from another
                   N real test images: the floor that sampling noise alone gives at that N. Both are
                   means over up to 4 disjoint reference sets
+    FD strict     the same FD in a second, harder-to-please feature space: a LeNet-5-style network
+                  trained on randomly shifted images (features.STRICT_CLASSIFIER); read both
     entropy       entropy of the classifier's class histogram of the samples (and of real images)
     memorisation  fraction of samples nearer a training image than 99% of real test images are
 
@@ -28,7 +30,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,8 +42,8 @@ from .data import ImageData, load_data
 from .images import to_uint8
 from .download import data_folder
 from .errors import DataError, UserError
-from .features import (ClassifierConfig, cached_classifier, class_entropy, classify, frechet_distance,
-                       memorisation_rate, nearest_distances)
+from .features import (STRICT_CLASSIFIER, ClassifierConfig, cached_classifier, class_entropy, classify,
+                       frechet_distance, memorisation_rate, nearest_distances)
 from .generate import generate
 from .likelihood import nll_bits_per_dim
 from .run import load_run
@@ -91,7 +93,8 @@ def eval_data(source: str, train_config: dict, progress: bool = False) -> EvalDa
 def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000, sampler: str | None = None,
              steps: int | None = None, guidance: float | None = None, unconditional: bool = False,
              nll_images: int = 100, nll_timesteps: int | None = None, seed: int = 0, batch_size: int = 256,
-             classifier: ClassifierConfig = ClassifierConfig(), device: str | torch.device = "cpu",
+             classifier: ClassifierConfig = ClassifierConfig(),
+             strict_classifier: ClassifierConfig | None = STRICT_CLASSIFIER, device: str | torch.device = "cpu",
              progress: bool = False) -> dict:
     """Evaluate a run; returns the report as a JSON-able dict (see format_table for its reading).
 
@@ -105,6 +108,7 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
             (None = every timestep, exact; fewer = stratified, unbiased estimate).
         seed: seeds the samples, the likelihood noise and the draw of the real test images.
         classifier: the feature classifier's config (its steps mostly; cached per config and data).
+        strict_classifier: the second, stricter feature space's ("fd_strict"); None skips it.
     """
     device = torch.device(device)
     run = load_run(checkpoint, device=device)
@@ -165,7 +169,8 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
                          "labels": "balanced" if labels is not None else "none",
                          "seconds": time.perf_counter() - started}
     if real.labelled.labels is not None and len(real.labelled.labels) > 0:
-        report.update(_feature_statistics(samples, labels, real, order, classifier, device, progress))
+        report.update(_feature_statistics(samples, labels, real, order, classifier, device, progress,
+                                          strict_classifier))
     else:
         report["fd_unavailable"] = (f"no FD, class entropy or label agreement: {source} has no labels for the feature "
                                     "classifier to learn; give a folder with one subfolder per class (or an .npz "
@@ -180,8 +185,10 @@ def split_real(order: torch.Tensor, num: int) -> list[torch.Tensor]:
 
 
 def _feature_statistics(samples: torch.Tensor, labels: torch.Tensor | None, real: EvalData, order: torch.Tensor,
-                        config: ClassifierConfig, device: torch.device, progress: bool) -> dict:
-    """The "classifier", "fd" and "entropy" sections. The test images, in the random `order`, are cut
+                        config: ClassifierConfig, device: torch.device, progress: bool,
+                        strict: ClassifierConfig | None = None) -> dict:
+    """The "classifier", "fd" and "entropy" sections, and with a `strict` classifier config "classifier_strict"
+    and "fd_strict", the same FD in that second feature space (features.STRICT_CLASSIFIER). The test images, in the random `order`, are cut
     into sets of N: the first is the real stand-in for the samples, the next (up to MAX_REFERENCES)
     are references. FD is the mean distance from the samples to each reference, the floor the same
     mean from the stand-in. With room for one set only, the stand-in is the last N training images."""
@@ -193,29 +200,34 @@ def _feature_statistics(samples: torch.Tensor, labels: torch.Tensor | None, real
     else:
         stand_in, references = real.train.images[-num:], sets
         stand_in_name = f"the last {num} training images"
-    labelled = real.labelled
-    net, path, trained = cached_classifier(labelled.images, labelled.labels, labelled.num_classes, labelled.name,
-                                           config, device=device, progress=progress)
-    sample_features, sample_classes = classify(net, samples, device=device)
-    stand_in_features, _ = classify(net, stand_in, device=device)
-    reference = [classify(net, real.test.images[index], device=device) for index in references]  # (features, classes)
-    values = [frechet_distance(sample_features, features) for features, _ in reference]
-    floors = [frechet_distance(stand_in_features, features) for features, _ in reference]
-    fd, floor = sum(values) / len(values), sum(floors) / len(floors)
-    real_classes = reference[0][1]
-    accuracy = (real_classes == real.test.labels[references[0]]).double().mean().item() \
-        if real.test.labels is not None else None
-    agreement = (sample_classes == labels).double().mean().item() if labels is not None else None
-    return {
-        "classifier": {"path": str(path), "trained_now": trained, "steps": config.steps,
-                       "feature_dim": config.feature_dim, "reference_accuracy": accuracy,
-                       "seconds": time.perf_counter() - started},
-        "fd": {"value": fd, "floor": floor, "ratio": fd / floor if floor > 0 else None, "num": num,
-               "values": values, "floors": floors,
-               "floor_sets": f"{stand_in_name} vs {len(references)} reference set(s) of {num} random test images"},
-        "entropy": {"samples_bits": class_entropy(sample_classes, labelled.num_classes),
-                    "real_bits": class_entropy(real_classes, labelled.num_classes),
-                    "max_bits": math.log2(labelled.num_classes), "label_agreement": agreement}}
+    labelled, report = real.labelled, {}
+    for suffix, classifier_config in (("", config), ("_strict", strict)):
+        if classifier_config is None:
+            continue
+        net, path, trained = cached_classifier(labelled.images, labelled.labels, labelled.num_classes, labelled.name,
+                                               classifier_config, device=device, progress=progress)
+        sample_features, sample_classes = classify(net, samples, device=device)
+        stand_in_features, _ = classify(net, stand_in, device=device)
+        reference = [classify(net, real.test.images[index], device=device) for index in references]  # (features, classes)
+        values = [frechet_distance(sample_features, features) for features, _ in reference]
+        floors = [frechet_distance(stand_in_features, features) for features, _ in reference]
+        fd, floor = sum(values) / len(values), sum(floors) / len(floors)
+        real_classes = reference[0][1]
+        accuracy = (real_classes == real.test.labels[references[0]]).double().mean().item() \
+            if real.test.labels is not None else None
+        report["classifier" + suffix] = {"path": str(path), "trained_now": trained, **asdict(classifier_config),
+                                         "reference_accuracy": accuracy, "seconds": time.perf_counter() - started}
+        report["fd" + suffix] = {
+            "value": fd, "floor": floor, "ratio": fd / floor if floor > 0 else None, "num": num,
+            "values": values, "floors": floors,
+            "floor_sets": f"{stand_in_name} vs {len(references)} reference set(s) of {num} random test images"}
+        if not suffix:  # the class histogram and label agreement: in the first feature space only
+            agreement = (sample_classes == labels).double().mean().item() if labels is not None else None
+            report["entropy"] = {"samples_bits": class_entropy(sample_classes, labelled.num_classes),
+                                 "real_bits": class_entropy(real_classes, labelled.num_classes),
+                                 "max_bits": math.log2(labelled.num_classes), "label_agreement": agreement}
+        started = time.perf_counter()
+    return report
 
 
 def _memorisation(samples: torch.Tensor, real: EvalData, calibration: torch.Tensor) -> dict:
@@ -257,6 +269,13 @@ def format_table(report: dict) -> str:
         accuracy = report["classifier"]["reference_accuracy"]
         if accuracy is not None:
             rows.append(("classifier accuracy", f"{accuracy:.1%}", f"on the {fd['num']} reference images"))
+    strict = report.get("fd_strict")
+    if strict:
+        ratio = f", {strict['ratio']:.2f}x floor" if strict["ratio"] is not None else ""
+        accuracy = report["classifier_strict"]["reference_accuracy"]
+        rows.append(("FD strict (floor)", f"{strict['value']:.3f} ({strict['floor']:.3f})",
+                     f"N = {strict['num']}{ratio}; LeNet-5 features trained on +-{report['classifier_strict']['shift']} "
+                     f"px shifts" + (f", {accuracy:.1%} accurate" if accuracy is not None else "")))
     if report.get("fd_unavailable"):
         rows.append(("FD (floor)", "-", report["fd_unavailable"]))
     memo = report["memorisation"]
@@ -286,6 +305,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="forwards per image for bits/dim (default: all T, exact; fewer: stratified estimate)")
     parser.add_argument("--classifier-steps", type=int, default=ClassifierConfig.steps,
                         help=f"training steps of the feature classifier (default: {ClassifierConfig.steps})")
+    parser.add_argument("--strict-classifier-steps", type=int, default=STRICT_CLASSIFIER.steps,
+                        help=f"training steps of the stricter second feature network, 0 = skip its FD "
+                             f"(default: {STRICT_CLASSIFIER.steps})")
     parser.add_argument("--seed", type=int, default=0, help="seeds the samples and the likelihood noise")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -300,7 +322,9 @@ def run_eval(args: argparse.Namespace) -> None:
     report = evaluate(args.checkpoint, data=args.data, num=args.num, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, unconditional=args.unconditional, nll_images=args.nll_images,
                       nll_timesteps=args.nll_timesteps, seed=args.seed, batch_size=args.batch_size,
-                      classifier=ClassifierConfig(steps=args.classifier_steps), device=pick_device(args.device),
+                      classifier=ClassifierConfig(steps=args.classifier_steps),
+                      strict_classifier=replace(STRICT_CLASSIFIER, steps=args.strict_classifier_steps)
+                      if args.strict_classifier_steps else None, device=pick_device(args.device),
                       progress=args.progress)
     checkpoint = Path(args.checkpoint)
     out = Path(args.out) if args.out else (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "eval.json"

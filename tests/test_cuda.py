@@ -122,6 +122,7 @@ def test_eval_on_cuda(tmp_path, monkeypatch):
                  "--device", "cuda", *TINY]) == 0
     monkeypatch.setenv("DIFFUNET_DATA", str(tmp_path / "cache"))
     assert main(["eval", "--checkpoint", str(out), "--num", "30", "--nll-images", "3", "--nll-timesteps", "20",
-                 "--classifier-steps", "20", "--steps", "2", "--device", "cuda", "--no-progress"]) == 0
+                 "--classifier-steps", "20", "--strict-classifier-steps", "20", "--steps", "2", "--device", "cuda",
+                 "--no-progress"]) == 0
     report = json.loads((out / "eval.json").read_text())
     assert 0 < report["nll"]["bits_per_dim"] < 9 and report["fd"]["value"] > 0

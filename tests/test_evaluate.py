@@ -252,6 +252,34 @@ def test_classifier_learns_is_reproducible_and_cached(tmp_path):
     assert cached_classifier(images[:2000], labels[:2000], 10, "digits/x", quick, cache_dir=tmp_path)[2]
 
 
+def test_random_shifts_move_each_image_by_its_own_offset_within_the_limit():
+    from diffunet.features import random_shifts
+
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, :, 4, 4] = 1                                                                  # one bright centre pixel
+    moved = random_shifts(x, 2, torch.Generator().manual_seed(0))
+    assert moved.shape == x.shape
+    rows, columns = (moved[:, 0] == 1).nonzero()[:, 1:].T                             # one bright pixel each
+    assert len(rows) == 64 and rows.sub(4).abs().max() == 2 and columns.sub(4).abs().max() == 2
+    assert len(set(zip(rows.tolist(), columns.tolist()))) > 10                         # offsets differ per image
+    assert torch.equal(random_shifts(x, 2, torch.Generator().manual_seed(0)), moved)  # seeded
+
+
+def test_lenet_classifier_with_shifts_learns_digits_and_is_cached_apart():
+    """The strict feature space's architecture and augmentation, at a tiny width to stay fast."""
+    images = torch.from_numpy(BUILTIN["images"][:2500, None])                          # [2500, 1, 28, 28]
+    labels = torch.from_numpy(BUILTIN["labels"][:2500]).long()
+    config = ClassifierConfig(steps=200, batch_size=32, width=8, feature_dim=32, lr=3e-3, architecture="lenet",
+                              shift=2, seed=1)
+    model = train_classifier(images[:2000], labels[:2000], 10, config)
+    features, predicted = classify(model, images[2000:])
+    assert features.shape == (500, 32) and (predicted == labels[2000:]).double().mean() > 0.8
+    assert {"hidden.weight", "conv1.weight"} <= set(model.state_dict())
+    assert model.conv1.kernel_size == (5, 5)
+    with pytest.raises(ValueError, match="architecture"):
+        ClassifierConfig(architecture="resnet")
+
+
 # ---- `diffunet eval` --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -268,7 +296,7 @@ def tiny_run(tmp_path_factory):
 def test_eval_cli_prints_table_and_writes_json(tiny_run, monkeypatch, capsys):
     monkeypatch.setenv("DIFFUNET_DATA", str(tiny_run / "cache"))
     argv = ["eval", "--checkpoint", str(tiny_run / "run"), "--num", "30", "--nll-images", "3", "--nll-timesteps",
-            "50", "--classifier-steps", "20", "--steps", "2", "--no-progress"]
+            "50", "--classifier-steps", "20", "--strict-classifier-steps", "20", "--steps", "2", "--no-progress"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     report = json.loads((tiny_run / "run" / "eval.json").read_text())
@@ -282,7 +310,11 @@ def test_eval_cli_prints_table_and_writes_json(tiny_run, monkeypatch, capsys):
     assert fd["value"] == pytest.approx(sum(fd["values"]) / 4) and fd["floor"] == pytest.approx(sum(fd["floors"]) / 4)
     assert 0 <= report["entropy"]["samples_bits"] <= math.log2(10) and report["classifier"]["trained_now"]
     assert 0 <= report["memorisation"]["rate"] <= 1 and report["memorisation"]["train_images"] == 600
-    for words in ("bits/dim", "FD (floor)", "class entropy", "memorisation", "N = 30"):
+    strict = report["fd_strict"]                                               # the second feature space
+    assert strict["floor_sets"] == fd["floor_sets"] and strict["value"] > 0 and strict["value"] != fd["value"]
+    assert report["classifier_strict"]["architecture"] == "lenet" and report["classifier_strict"]["shift"] == 2
+    assert report["classifier_strict"]["path"] != report["classifier"]["path"]
+    for words in ("bits/dim", "FD (floor)", "FD strict (floor)", "class entropy", "memorisation", "N = 30"):
         assert words in table
     assert format_table(report) in table
     assert main([*argv, "--nll-images", "0", "--out", str(tiny_run / "again.json")]) == 0
@@ -314,7 +346,8 @@ def test_eval_cli_errors_are_one_line(tiny_run, tmp_path, monkeypatch, capsys):
                         ([*run, "--num", "500"], "--num must be in 2..200"),
                         ([*run, "--sampler", "lms", "--nll-images", "5"], "--sampler must be one of"),
                         ([*run, "--nll-timesteps", "1"], "--nll-timesteps must be in 2..1000"),
-                        ([*run, "--classifier-steps", "0"], "classifier steps must be a positive")]:
+                        ([*run, "--classifier-steps", "0"], "classifier steps must be a positive"),
+                        ([*run, "--strict-classifier-steps", "-1"], "classifier steps must be a positive")]:
         assert main(argv) == 1
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("diffunet eval: error:") and words in lines[0], lines
@@ -343,7 +376,7 @@ def test_eval_on_a_flow_run_says_why_it_has_no_bits_per_dim(tiny_run, monkeypatc
                  "--schedule", "rectified_flow", "--prediction", "flow", "--sampler", "euler", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--num", "30", "--nll-images", "3", "--classifier-steps", "20",
-                 "--steps", "2", "--no-progress"]) == 0
+                 "--strict-classifier-steps", "0", "--steps", "2", "--no-progress"]) == 0
     table = capsys.readouterr().out
     report = json.loads((run / "eval.json").read_text())
     assert "nll" not in report and "rectified_flow" in report["nll_unavailable"]
@@ -358,7 +391,7 @@ def test_eval_on_unlabelled_data_says_which_figures_it_cannot_give(tiny_run, mon
                  "--quiet"]) == 0
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--num", "20", "--nll-images", "2", "--nll-timesteps", "10",
-                 "--steps", "2", "--no-progress"]) == 0
+                 "--strict-classifier-steps", "0", "--steps", "2", "--no-progress"]) == 0
     table = capsys.readouterr().out
     report = json.loads((run / "eval.json").read_text())
     assert "fd" not in report and "has no labels" in report["fd_unavailable"] and "FD (floor)" in table
