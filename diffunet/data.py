@@ -66,13 +66,14 @@ def load_data(source: str | os.PathLike, *, image_size: int | None = None, chann
     """
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or not 0 < image_size <= MAX_IMAGE_SIZE):
-        raise DataError(f"--image-size must be an integer in 1..{MAX_IMAGE_SIZE}; got {image_size!r}")
+        raise DataError(f"image_size (--image-size) must be an integer in 1..{MAX_IMAGE_SIZE}; got {image_size!r}")
     if channels not in (None, 1, 3, 4):
-        raise DataError(f"--channels must be 1 (gray), 3 (RGB) or 4 (RGBA); got {channels!r}")
+        raise DataError(f"channels (--channels) must be 1 (gray), 3 (RGB) or 4 (RGBA); got {channels!r}")
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test'; got {split!r}")
     if isinstance(alpha_background, bool) or not isinstance(alpha_background, int) or not 0 <= alpha_background <= 255:
-        raise DataError(f"--alpha-background must be a gray level in 0..255 (0 black, 255 white); got {alpha_background!r}")
+        raise DataError(f"alpha_background (--alpha-background) must be a gray level in 0..255 (0 black, 255 white); "
+                        f"got {alpha_background!r}")
     name = os.fspath(source)
     if name == "builtin":
         if split != "train":

@@ -116,20 +116,21 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
     source = data or train_config.get("data") or run.data_name
     real = eval_data(source, train_config, progress)
     if tuple(real.test.images.shape[1:]) != image_shape:
-        raise UserError(f"--data {source} has images of shape {tuple(real.test.images.shape[1:])} but the model "
+        raise UserError(f"data (--data) {source} has images of shape {tuple(real.test.images.shape[1:])} but the model "
                         f"makes {image_shape}; evaluate against the run's data")
     if not 2 <= num <= len(real.test.images):
-        raise UserError(f"--num must be in 2..{len(real.test.images)} (the reference has "
+        raise UserError(f"num (--num) must be in 2..{len(real.test.images)} (the reference has "
                         f"{len(real.test.images)} images); got {num}")
     if not 0 <= nll_images <= len(real.test.images):
-        raise UserError(f"--nll-images must be in 0..{len(real.test.images)}; got {nll_images}")
+        raise UserError(f"nll_images (--nll-images) must be in 0..{len(real.test.images)}; got {nll_images}")
     schedule, prediction = run.schedule, run.prediction
     sampler, steps = sampler or run.sampler, steps or run.steps
     if sampler not in samplers.SAMPLERS or not 1 <= steps <= schedule.num_timesteps:
-        raise UserError(f"--sampler must be one of {', '.join(samplers.SAMPLERS)} and --steps in "
+        raise UserError(f"sampler (--sampler) must be one of {', '.join(samplers.SAMPLERS)} and steps (--steps) in "
                         f"1..{schedule.num_timesteps}; got {sampler!r} with {steps} steps")
     if nll_timesteps is not None and not 2 <= nll_timesteps <= schedule.num_timesteps:
-        raise UserError(f"--nll-timesteps must be in 2..{schedule.num_timesteps} (this run's T); got {nll_timesteps}")
+        raise UserError(f"nll_timesteps (--nll-timesteps) must be in 2..{schedule.num_timesteps} (this run's T); "
+                        f"got {nll_timesteps}")
     num_classes = run.num_classes
     report = {"checkpoint": str(checkpoint), "step": run.step, "data": source,
               "reference": real.reference, "num": num, "seed": seed}
@@ -188,9 +189,9 @@ def _feature_statistics(samples: torch.Tensor, labels: torch.Tensor | None, real
                         config: ClassifierConfig, device: torch.device, progress: bool,
                         strict: ClassifierConfig | None = None) -> dict:
     """The "classifier", "fd" and "entropy" sections, and with a `strict` classifier config "classifier_strict"
-    and "fd_strict", the same FD in that second feature space (features.STRICT_CLASSIFIER). The test images, in the random `order`, are cut
-    into sets of N: the first is the real stand-in for the samples, the next (up to MAX_REFERENCES)
-    are references. FD is the mean distance from the samples to each reference, the floor the same
+    and "fd_strict", the same FD in that second feature space (features.STRICT_CLASSIFIER). The test
+    images, in the random `order`, are cut into sets of N: the first is the real stand-in for the
+    samples, the next (up to MAX_REFERENCES) are references. FD is the mean distance from the samples to each reference, the floor the same
     mean from the stand-in. With room for one set only, the stand-in is the last N training images."""
     started, num = time.perf_counter(), len(samples)
     sets = split_real(order, num)
@@ -208,7 +209,8 @@ def _feature_statistics(samples: torch.Tensor, labels: torch.Tensor | None, real
                                                classifier_config, device=device, progress=progress)
         sample_features, sample_classes = classify(net, samples, device=device)
         stand_in_features, _ = classify(net, stand_in, device=device)
-        reference = [classify(net, real.test.images[index], device=device) for index in references]  # (features, classes)
+        reference = [classify(net, real.test.images[index], device=device)              # (features, classes)
+                     for index in references]
         values = [frechet_distance(sample_features, features) for features, _ in reference]
         floors = [frechet_distance(stand_in_features, features) for features, _ in reference]
         fd, floor = sum(values) / len(values), sum(floors) / len(floors)

@@ -108,13 +108,14 @@ def generate_inpainted(
 def _check_counts(schedule: NoiseSchedule, num: int, steps: int, batch_size: int) -> None:
     """One-line errors for counts the sampling loops cannot run with, in the words of the CLI's flags."""
     if steps <= 0:
-        raise UserError(f"--steps must be a positive number of sampling steps; got {steps}")
+        raise UserError(f"steps (--steps) must be a positive number of sampling steps; got {steps}")
     if num <= 0:
-        raise UserError(f"--num must be a positive number of images; got {num}")
+        raise UserError(f"num (--num) must be a positive number of images; got {num}")
     if batch_size <= 0:
-        raise UserError(f"--batch-size must be positive; got {batch_size}")
+        raise UserError(f"batch_size (--batch-size) must be positive; got {batch_size}")
     if steps > schedule.num_timesteps:
-        raise UserError(f"--steps must be at most the run's {schedule.num_timesteps} diffusion timesteps; got {steps}")
+        raise UserError(f"steps (--steps) must be at most the run's {schedule.num_timesteps} diffusion timesteps; "
+                        f"got {steps}")
 
 
 def _noise_batches(num: int, image_shape: tuple[int, ...], seed: int, batch_size: int, device):

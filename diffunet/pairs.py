@@ -32,7 +32,7 @@ def load_pairs(path: str | os.PathLike, *, image_size: int | None = None, channe
     if path.is_file() and path.suffix.lower() == ".npz":
         return _npz_pairs(path, image_size, channels, alpha_background)
     if not (path / "inputs").is_dir() or not (path / "targets").is_dir():
-        raise DataError(f"--data-cond {path} is not a pairs set; {hint}")
+        raise DataError(f"data_cond (--data-cond) {path} is not a pairs set; {hint}")
     names = {side: image_names(path / side) for side in ("inputs", "targets")}
     for side, other in (("targets", "inputs"), ("inputs", "targets")):
         missing = sorted(set(names[side]) - set(names[other]))
@@ -57,7 +57,8 @@ def _npz_pairs(path: Path, image_size: int | None, channels: int | None,
     if "inputs" not in found or "targets" not in found:
         raise DataError(f"{path} has arrays {sorted(found)}; a pairs .npz needs arrays named inputs and targets")
     if image_size is not None:
-        raise DataError(f"--image-size does not resize an .npz of pairs ({path}); save the arrays at the size to train")
+        raise DataError(f"image_size (--image-size) does not resize an .npz of pairs ({path}); save the arrays at the "
+                        f"size to train")
     inputs, targets = found["inputs"], found["targets"]
     if len(inputs) != len(targets):
         first = min(len(inputs), len(targets))

@@ -84,10 +84,10 @@ def bind(task: Task, image_shape: tuple[int, ...], paired: Tensor | None = None)
     """The task with cond_channels set for [C, H, W] training images; a UserError when the data cannot serve it."""
     channels, height, width = image_shape
     if task.kind == "superres" and (height % task.factor or width % task.factor):
-        raise UserError(f"--task {task.name} needs image sides divisible by {task.factor}; the data is "
+        raise UserError(f"task (--task) {task.name} needs image sides divisible by {task.factor}; the data is "
                         f"{width}x{height}: pass --image-size with a multiple of {task.factor}")
     if task.kind == "colorize" and channels != 3:
-        raise UserError(f"--task colorize needs colour (RGB) images; the data has {channels} channel(s): "
+        raise UserError(f"task (--task) colorize needs colour (RGB) images; the data has {channels} channel(s): "
                         f"use colour data{' without --channels 4' if channels == 4 else ''}")
     count = {"none": 0, "superres": channels, "inpaint": channels + 1, "colorize": 1,
              "pairs": 0 if paired is None else paired.shape[1]}[task.kind]
@@ -266,7 +266,7 @@ def load_task_data(cfg, progress: bool = True) -> tuple[Task, ImageData, Tensor 
                    progress=progress)
     if task.kind == "pairs":
         if cfg.data != "builtin":
-            raise UserError(f"--data {cfg.data} and --data-cond {cfg.data_cond} were both given; the targets of "
+            raise UserError(f"data (--data) {cfg.data} and data_cond (--data-cond) {cfg.data_cond} were both given; the targets of "
                             f"--data-cond are the training images, so drop --data")
         data, paired = load_pairs(cfg.data_cond, **options)
     else:

@@ -276,7 +276,7 @@ def test_bad_flags_through_the_cli(runs, data, tmp_path):
                                               ("--guidance needs a class-conditional model",)),
         "sample: --label, unconditional": (sample("--label", "0", run=unconditional), ("unconditional",)),
         "sample: --guidance nan": (sample("--guidance", "nan"), ("--guidance must be a finite number",)),
-        "sample: --batch-size 0": (sample("--batch-size", "0"), ("--batch-size must be positive",)),
+        "sample: --batch-size 0": (sample("--batch-size", "0"), ("batch_size (--batch-size) must be positive",)),
         "sample: --device bogus": (sample("--device", "bogus"), ("device (--device) must be auto, cpu, cuda",)),
         "sample: --seed -1": (sample("--seed", "-1"), ("--seed must be in 0..4294967295",)),
         "sample: --out is a folder": (sample(out=tmp_path / "a_folder"), ("a_folder is a folder; give a file path",)),

@@ -343,9 +343,9 @@ def test_eval_cli_errors_are_one_line(tiny_run, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIFFUNET_DATA", str(tmp_path))
     run = ["eval", "--checkpoint", str(tiny_run / "run"), "--no-progress", "--num", "4", "--nll-images", "0"]
     for argv, words in [(["eval", "--checkpoint", str(tmp_path / "missing")], "does not exist"),
-                        ([*run, "--num", "500"], "--num must be in 2..200"),
-                        ([*run, "--sampler", "lms", "--nll-images", "5"], "--sampler must be one of"),
-                        ([*run, "--nll-timesteps", "1"], "--nll-timesteps must be in 2..1000"),
+                        ([*run, "--num", "500"], "num (--num) must be in 2..200"),
+                        ([*run, "--sampler", "lms", "--nll-images", "5"], "sampler (--sampler) must be one of"),
+                        ([*run, "--nll-timesteps", "1"], "nll_timesteps (--nll-timesteps) must be in 2..1000"),
                         ([*run, "--classifier-steps", "0"], "classifier steps must be a positive"),
                         ([*run, "--strict-classifier-steps", "-1"], "classifier steps must be a positive")]:
         assert main(argv) == 1
