@@ -56,6 +56,8 @@ def main(out: str, data: str, batch_size: int, steps: int, mode: str) -> None:
     finally:
         Path(out).mkdir(parents=True, exist_ok=True)
         Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+        if torch.distributed.is_initialized():  # left to interpreter exit, gloo's threads can abort the process
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
