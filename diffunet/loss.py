@@ -85,7 +85,8 @@ def training_loss(model: Callable[..., Tensor], x0: Tensor, schedule: NoiseSched
     loss = squared_error.mean(dim=tuple(range(1, squared_error.dim())))    # [B]
     if weighting == "none":
         return loss
-    return loss * min_snr_weight(schedule.snr(t), prediction, min_snr_gamma).to(loss)
+    # SNR(t) in float32 beside the loss: on an accelerator, a lookup there rather than a copy of t to the host.
+    return loss * min_snr_weight(schedule.snr(t, like=loss), prediction, min_snr_gamma)
 
 
 def draw_timesteps(schedule: NoiseSchedule, batch: int, distribution: str = "uniform", logsnr_mean: float = 1.0,
@@ -139,9 +140,9 @@ def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
 
     x0: min(SNR, gamma); eps: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1) (VP paths);
     flow: min(SNR, gamma) / (sqrt(SNR) + 1)^2, since |u - u_hat| = (alpha / sigma + 1) |x0 - x0_hat| at
-    fixed x_t. See `training_loss` for why they differ. Computed in float64; SNR = 0 is allowed.
+    fixed x_t. See `training_loss` for why they differ. Computed in snr's dtype (float64 from `schedule.snr(t)`);
+    SNR = 0 and SNR = inf are allowed.
     """
-    snr = snr.double()
     clipped = snr.clamp(max=gamma)                                          # min(SNR, gamma)
     if prediction == "x0":
         return clipped

@@ -53,9 +53,10 @@ class GaussianPath:
         alpha, sigma = self.alpha_sigma(t)
         return 2 * (alpha.log() - sigma.log())
 
-    def snr(self, t) -> Tensor:
-        """Signal-to-noise ratio alpha_t^2 / sigma_t^2, float64 on the CPU."""
-        alpha, sigma = self.alpha_sigma(t)
+    def snr(self, t, like: Tensor | None = None) -> Tensor:
+        """Signal-to-noise ratio alpha_t^2 / sigma_t^2, float64 on the CPU; with `like`, in like's dtype on its
+        device, shaped to broadcast over it, and for t on an accelerator looked up there with no host sync."""
+        alpha, sigma = self.alpha_sigma(t) if like is None else self._alpha_sigma(t, like)
         return alpha**2 / sigma**2
 
     def add_noise(self, x0: Tensor, t, noise: Tensor) -> Tensor:

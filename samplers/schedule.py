@@ -138,8 +138,11 @@ class NoiseSchedule(GaussianPath):
         """alpha_bar_t as a Python float; t = -1 is the clean data (alpha_bar = 1)."""
         return 1.0 if t == -1 else self.alpha_bar[t].item()
 
-    def snr(self, t) -> Tensor:
-        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021), float64 on the CPU."""
+    def snr(self, t, like: Tensor | None = None) -> Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021), float64 on the CPU;
+        `like`: see GaussianPath.snr."""
+        if like is not None:
+            return super().snr(t, like)
         alpha_bar = self.alpha_bar[self._check_timesteps(t)]
         return alpha_bar / (1 - alpha_bar)
 

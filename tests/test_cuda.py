@@ -126,3 +126,21 @@ def test_eval_on_cuda(tmp_path, monkeypatch):
                  "--no-progress"]) == 0
     report = json.loads((out / "eval.json").read_text())
     assert 0 < report["nll"]["bits_per_dim"] < 9 and report["fd"]["value"] > 0
+
+
+@pytest.mark.parametrize("schedule", [NoiseSchedule.linear(100), NoiseSchedule.rectified_flow()], ids=["vp", "flow"])
+def test_training_loss_with_min_snr_makes_no_host_sync(schedule):
+    """Issue 15: min-SNR's SNR(t) is looked up on the GPU, not by copying t to the host (sync debug mode errors
+    on any synchronising call)."""
+    from diffunet.loss import training_loss
+    model = lambda x_t, t: x_t * 0.5  # noqa: E731  (no parameters: only the loss's own ops run)
+    x0 = torch.randn(8, 1, 4, 4, device="cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+    prediction = "v" if isinstance(schedule, NoiseSchedule) else "flow"
+    training_loss(model, x0, schedule, prediction=prediction, weighting="min_snr", generator=generator)  # warm tables
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = training_loss(model, x0, schedule, prediction=prediction, weighting="min_snr", generator=generator)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert loss.shape == (8,) and loss.device.type == "cuda"

@@ -237,6 +237,26 @@ def test_min_snr_weight_values():
     torch.testing.assert_close(v * (snr + 1), x0)
 
 
+@pytest.mark.parametrize("schedule", [NoiseSchedule.cosine(100), NoiseSchedule.rectified_flow()], ids=["vp", "flow"])
+def test_snr_beside_a_tensor_matches_the_float64_table(schedule):
+    """`snr(t, like=loss)` (what min-SNR uses, so that on a GPU t is not copied to the host) equals snr(t)."""
+    t = schedule.timesteps(7, "trailing")
+    t = t.long() if isinstance(schedule, NoiseSchedule) else t
+    like = torch.zeros(len(t))
+    beside = schedule.snr(t, like=like)
+    assert beside.dtype == torch.float32 and beside.shape == like.shape
+    torch.testing.assert_close(beside, schedule.snr(t).float(), rtol=1e-5, atol=0)
+
+
+def test_min_snr_weight_keeps_the_dtype_and_takes_infinite_snr():
+    snr = torch.tensor([0.0, 4.0, float("inf")])
+    for prediction, expected in [("x0", [0.0, 4.0, 5.0]), ("eps", [1.0, 1.0, 0.0]), ("v", [0.0, 0.8, 0.0]),
+                                 ("flow", [0.0, 4 / 9, 0.0])]:
+        weight = min_snr_weight(snr, prediction, 5.0)
+        assert weight.dtype == torch.float32
+        torch.testing.assert_close(weight, torch.tensor(expected))
+
+
 def test_labels_reach_the_model_and_bad_options_raise():
     model, schedule = tiny_unet(num_classes=3), NoiseSchedule.cosine(20)
     x0 = torch.zeros(4, 1, 8, 16)
