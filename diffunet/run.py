@@ -18,6 +18,7 @@ from torch import Tensor
 
 from samplers import NoiseSchedule
 
+from . import direct
 from .checkpoint import CONFIG_FILE, MODEL_FILE, read_config, read_model
 from .errors import CheckpointError, UserError
 from .generate import generate, generate_inpainted
@@ -25,7 +26,7 @@ from .images import to_model_range
 from .tasks import Task, condition_from_inputs
 from .unet import UNet, UNetConfig
 
-# How a run whose stored train config predates the sampling fields is sampled (TrainConfig's defaults).
+# How a run whose stored train config predates the sampling fields is sampled (the defaults of that time).
 LEGACY_SAMPLING = {"sampler": "ddpm", "sample_steps": 50, "guidance": 1.0}
 
 
@@ -55,6 +56,7 @@ class Run:
     step: int | None                    # optimizer steps behind these weights
     data_name: str | None               # the dataset it was trained on
     task: Task = Task()                 # what its condition image is (tasks.py); Task() = none, for older runs
+    objective: str = "diffusion"        # diffusion (sampled) | direct (the network maps cond to the output: direct.py)
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +109,11 @@ class Run:
             float tensor [num, C, H, W] on the CPU, in [-1, 1].
         """
         condition = self.condition(num, cond, mask)
+        if self.objective == "direct":  # no noise, no sampler: the network's own output (a mask for cross-entropy)
+            if label is not None or guidance is not None:
+                raise UserError(f"{self.path} was trained directly (--objective direct), without labels or guidance; "
+                                f"drop the label and guidance")
+            return direct.predict(self.model, condition, self.image_shape[0], batch_size=batch_size)
         unlabelled = condition is not None and label is None    # the condition decides the class
         labels = self.no_labels(num, guidance) if unlabelled else self.labels(num, label)
         if labels is None and guidance is not None:
@@ -132,6 +139,9 @@ class Run:
         Returns:
             float tensor [num, C, H, W] on the CPU in [-1, 1], equal to the image where keep is 1.
         """
+        if self.objective == "direct":
+            raise UserError(f"{self.path} was trained directly (--objective direct) and draws no samples to inpaint "
+                            f"with; use a diffusion run")
         num = len(image) if num is None else num
         if tuple(image.shape[1:]) != self.image_shape or keep.shape[1:] != (1, *self.image_shape[1:]):
             raise UserError(f"inpaint needs images [N, {', '.join(map(str, self.image_shape))}] and masks "
@@ -200,7 +210,8 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
                sampler=train_config.get("sampler", LEGACY_SAMPLING["sampler"]),
                steps=train_config.get("sample_steps", LEGACY_SAMPLING["sample_steps"]),
                guidance=train_config.get("guidance", LEGACY_SAMPLING["guidance"]),
-               step=config.get("step"), data_name=config.get("data_name"), task=Task.from_dict(config.get("task")))
+               step=config.get("step"), data_name=config.get("data_name"), task=Task.from_dict(config.get("task")),
+               objective=train_config.get("objective", "diffusion"))
 
 
 # ---- continuing a run --------------------------------------------------------------------------

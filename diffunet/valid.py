@@ -76,3 +76,15 @@ def _fits(unet: nn.Module, size: int) -> bool:
         return True
     except ValueError:
         return False
+
+
+def input_size_for(unet: nn.Module, size: int) -> int:
+    """The smallest input side that fits `unet` and gives an output side of at least `size` (the tile an
+    overlap-tile strategy feeds the network, Ronneberger et al. 2015, fig. 2). Integer arithmetic only."""
+    if size < 1:
+        raise ValueError(f"an image side must be at least 1 pixel; got {size}")
+    for side in range(size, size + 64 * unet.factor + 1024):  # the margin of any U-Net here is far below this
+        if _fits(unet, side) and _side(unet, side) >= size:
+            return side
+    raise ValueError(f"no input side up to {size + 64 * unet.factor + 1024} gives a {size}-pixel output; "
+                     f"use fewer levels (--model-channel-mults) or padding='same'")

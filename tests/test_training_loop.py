@@ -101,6 +101,27 @@ def test_backward_runs_outside_autocast_and_bf16_gradients_follow_fp32(tmp_path,
     assert cosine > 0.999
 
 
+def test_host_reads_do_not_grow_with_micro_batches(tmp_path, monkeypatch):
+    """Issue 15: the step's loss is summed on the device over micro-batches and read once per optimizer step
+    (the divergence check), so --grad-accum adds no host syncs; on a GPU each .item() waits for the device."""
+    real_item = torch.Tensor.item
+
+    def item_calls(grad_accum: int) -> int:
+        calls = []
+
+        def item(self):
+            calls.append(1)
+            return real_item(self)
+
+        monkeypatch.setattr(torch.Tensor, "item", item)
+        training.train(TrainConfig(out=str(tmp_path / str(grad_accum)), steps=3, batch_size=4, grad_accum=grad_accum,
+                                   device="cpu", num_samples=2, sample_steps=1, quiet=True), TINY_MODEL)
+        monkeypatch.undo()
+        return len(calls)
+
+    assert item_calls(4) == item_calls(1)
+
+
 def test_power_ema_run_resumes_exactly_and_old_runs_keep_the_exponential_ema(tmp_path, monkeypatch):
     options = dict(steps=4, batch_size=8, ema="power", ema_std=0.1, save_every=2, sample_every=100, device="cpu",
                    num_samples=2, sample_steps=1, quiet=True, precision="fp32")
