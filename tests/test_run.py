@@ -20,7 +20,7 @@ from diffunet.cli import main
 from diffunet.images import to_uint8
 from diffunet.errors import CheckpointError, UserError
 from diffunet.run import LEGACY_SAMPLING
-from diffunet.training import TrainConfig, resume_config, train
+from diffunet.training import resume_config, train
 from helpers import FAST, TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,9 +50,9 @@ def test_load_run_reads_the_whole_run(run_dir):
     assert isinstance(run, Run) and "load_run" in diffunet.__all__ and "Run" in diffunet.__all__
     assert isinstance(run.model, UNet) and not run.model.training
     assert run.config == run.model.config and run.config.base_channels == 8
-    assert run.image_shape == (1, 12, 12) and run.num_classes == 2 and run.prediction == "v"
-    assert run.schedule.num_timesteps == 1000 and run.step == 3
-    assert (run.sampler, run.steps, run.guidance) == ("ddpm", 2, 1.0)  # FAST's --sample-steps 2
+    assert run.image_shape == (1, 12, 12) and run.num_classes == 2 and run.prediction == "flow"
+    assert run.schedule.to_dict()["kind"] == "rectified_flow" and run.step == 3   # the default path
+    assert (run.sampler, run.steps, run.guidance) == ("heun", 2, 1.0)  # FAST's --sample-steps 2
     assert run.train_config["steps"] == 3 and run.device == torch.device("cpu")
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.steps = 5
@@ -77,10 +77,9 @@ def test_run_sample_label_and_guidance(run_dir):
         run.sample(1, label=2)
 
 
-def test_runs_predating_the_sampling_fields_use_train_configs_defaults(run_dir, tmp_path):
-    defaults = TrainConfig()
-    assert LEGACY_SAMPLING == {"sampler": defaults.sampler, "sample_steps": defaults.sample_steps,
-                               "guidance": defaults.guidance}
+def test_runs_predating_the_sampling_fields_use_the_defaults_of_their_time(run_dir, tmp_path):
+    # Before the sampling fields were stored, runs sampled with ancestral DDPM, 50 steps, no guidance boost.
+    assert LEGACY_SAMPLING == {"sampler": "ddpm", "sample_steps": 50, "guidance": 1.0}
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
     config = json.loads((old / "config.json").read_text())
@@ -119,9 +118,9 @@ def test_resume_through_train_equals_an_uninterrupted_run(tiny_npz, tmp_path):
 
 
 @pytest.mark.parametrize("change, overrides, words", [
-    ({"prediction": "eps"}, None, "prediction is 'eps' here but 'v' in the run"),
-    ({"schedule": "cosine"}, None, "schedule field kind is 'cosine' here but 'linear' in the run"),
-    ({"num_timesteps": 500, "sample_steps": 2}, None, "schedule field num_timesteps is 500 here but 1000"),
+    ({"prediction": "v"}, None, "prediction is 'v' here but 'flow' in the run"),
+    ({"schedule": "cosine"}, None, "schedule field kind is 'cosine' here but 'rectified_flow' in the run"),
+    ({"flow_shift": 3.0}, None, "schedule field shift is 3.0 here but 1.0"),
     ({}, {"base_channels": 16}, "model field base_channels is 16 here but 8 in the run"),
     ({"class_conditional": False}, {"num_classes": None}, "model field num_classes is None here but 2"),
 ])
