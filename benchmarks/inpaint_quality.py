@@ -30,7 +30,7 @@ if "DIFFUNET_DATA" not in os.environ and (SHARED_DATA / "mnist.npz").is_file():
 import torch  # noqa: E402
 
 from diffunet.images import make_grid, save_image, to_uint8  # noqa: E402
-from diffunet.evaluate import _feature_statistics, eval_data, split_real  # noqa: E402
+from diffunet.reference import eval_data, feature_statistics, split_real  # noqa: E402
 from diffunet.features import ClassifierConfig  # noqa: E402
 from diffunet.generate import generate  # noqa: E402
 from diffunet.run import load_run  # noqa: E402
@@ -94,7 +94,7 @@ def main() -> None:
           f"CPU threads {torch.get_num_threads()}")
 
     def report(name, images, calls, seconds):
-        stats = _feature_statistics(images, labels, real, order, ClassifierConfig(), run.device, False)
+        stats = feature_statistics(images, labels, real, order, ClassifierConfig(), run.device, False)
         fd = stats["fd"]
         print(f"| {name} | {calls} | {fd['value']:.2f} ({fd['floor']:.2f}) | {fd['ratio']:.2f}x "
               f"| {stats['entropy']['label_agreement']:.1%} | {seconds:.0f} |", flush=True)

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from diffunet.data import load_data  # noqa: E402
 from diffunet.images import make_grid, save_image, to_uint8  # noqa: E402
+from diffunet.metrics import segmentation_scores  # noqa: E402
 from diffunet.run import Run, load_run  # noqa: E402
 from diffunet.training import TrainConfig, train  # noqa: E402
 
@@ -67,12 +68,9 @@ def cluttered_digits(digits: np.ndarray, rng: np.random.Generator, fragments: in
 
 
 def scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Pixel accuracy, foreground IoU over all pixels, and mean per-image Dice of bool [N, H, W] masks."""
-    both = (predicted & truth).reshape(len(truth), -1).sum(1)
-    sizes = predicted.reshape(len(truth), -1).sum(1) + truth.reshape(len(truth), -1).sum(1)
-    dice = np.where(sizes > 0, 2 * both / np.maximum(sizes, 1), 1.0)
-    return {"accuracy": float((predicted == truth).mean()), "iou": float(both.sum() / (sizes.sum() - both.sum())),
-            "dice": float(dice.mean())}
+    """Pixel accuracy, foreground IoU over all pixels, and mean per-image Dice of bool [N, H, W] masks
+    (diffunet.metrics.segmentation_scores, as `diffunet eval` reports them for a direct run)."""
+    return segmentation_scores(torch.from_numpy(predicted).long(), torch.from_numpy(truth).long(), 2)
 
 
 def best_threshold(inputs: np.ndarray, masks: np.ndarray) -> int:
@@ -115,7 +113,9 @@ def main() -> None:
     test_inputs, test_masks = cluttered_digits(digits[HELD_OUT:][:args.test_count], rng, args.fragments)
     work = Path(args.work or tempfile.mkdtemp(prefix="segment_2015_"))
     work.mkdir(parents=True, exist_ok=True)
-    np.savez(work / "pairs.npz", inputs=train_inputs, targets=train_masks)
+    # The held-out pairs ride along as the set's test split, so `diffunet eval --checkpoint WORK/direct` scores them.
+    np.savez(work / "pairs.npz", inputs=train_inputs, targets=train_masks, test_inputs=test_inputs,
+             test_targets=test_masks)
     print(f"cluttered MNIST strokes: {len(train_inputs)} training pairs, {len(test_inputs)} held out, "
           f"{train_masks.mean() / 255:.1%} stroke pixels; CPU threads {torch.get_num_threads()}; work in {work}",
           flush=True)

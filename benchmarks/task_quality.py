@@ -5,8 +5,8 @@ against the classical answer (bicubic upsampling; for colorize, the gray image i
 
 PSNR = 10 log10(1 / MSE) on pixels in [0, 1], SSIM per Wang et al. 2004 ("Image Quality Assessment: From
 Error Visibility to Structural Similarity", eq. 13) with their 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
-K2 = 0.03, over the valid part of the window and averaged over channels; both are means over the images of
-the per-image values, on the uint8 outputs as written to disk. The test images are the random draw `diffunet
+K2 = 0.03, over the valid part of the window and averaged over channels (both from diffunet/metrics.py, as
+`diffunet eval` reports them for a task run); both are means over the images of the per-image values, on the uint8 outputs as written to disk. The test images are the random draw `diffunet
 eval` uses as its real stand-in (same seed), so the FD floor is "the originals themselves" against the same
 reference sets, as in benchmarks/inpaint_quality.py. One output per input, from the run's sampler.
 
@@ -31,42 +31,12 @@ if "DIFFUNET_DATA" not in os.environ and (SHARED_DATA / "mnist.npz").is_file():
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffunet.evaluate import _feature_statistics, eval_data, split_real  # noqa: E402
+from diffunet.reference import eval_data, feature_statistics, split_real  # noqa: E402
 from diffunet.features import ClassifierConfig  # noqa: E402
 from diffunet.images import make_grid, save_image, to_model_range, to_uint8  # noqa: E402
+from diffunet.metrics import psnr, ssim  # noqa: E402
 from diffunet.run import load_run  # noqa: E402
 from diffunet.tasks import cond_picture, luma  # noqa: E402
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[N] PSNR in dB of uint8 [N, C, H, W] images against references: 10 log10(1 / MSE), pixels in [0, 1]."""
-    mse = ((a.double() - b.double()) / 255).pow(2).flatten(1).mean(dim=1)
-    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """[size, size] Gaussian weights summing to 1 (Wang et al. 2004, Sec. III-C: 11x11, sigma 1.5)."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    return torch.outer(g, g) / g.sum() ** 2
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """[N] mean SSIM (Wang et al. 2004, eq. 13) of uint8 [N, C, H, W] images, L = 1, K1 = 0.01, K2 = 0.03:
-    SSIM = (2 mu_a mu_b + C1)(2 sigma_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(sigma_a^2 + sigma_b^2 + C2)),
-    local statistics under the Gaussian window (valid positions only), averaged over positions and channels."""
-    x, y = a.double() / 255, b.double() / 255
-    channels = x.shape[1]
-    window = gaussian_window(size, sigma)[None, None].expand(channels, 1, size, size)
-
-    def local_mean(z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(z, window, groups=channels)                                # [N, C, H - size + 1, ...]
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    mu_x, mu_y = local_mean(x), local_mean(y)
-    var_x, var_y = local_mean(x * x) - mu_x ** 2, local_mean(y * y) - mu_y ** 2
-    cov = local_mean(x * y) - mu_x * mu_y
-    score = (2 * mu_x * mu_y + c1) * (2 * cov + c2) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return score.flatten(1).mean(dim=1)
 
 
 def baseline(task, truth: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
@@ -118,7 +88,7 @@ def main() -> None:
     for method, (images, cost) in rows.items():
         fd = "| - | - " if args.no_fd else ""
         if not args.no_fd:
-            stats = _feature_statistics(images, labels, real, order, ClassifierConfig(), run.device, False)["fd"]
+            stats = feature_statistics(images, labels, real, order, ClassifierConfig(), run.device, False)["fd"]
             fd = f"| {stats['value']:.2f} ({stats['floor']:.2f}) | {stats['ratio']:.2f}x "
         quality = psnr(images, truth).mean().item(), ssim(images, truth).mean().item()
         shown = "inf" if math.isinf(quality[0]) or quality[0] > 99 else f"{quality[0]:.2f}"

@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluate import add_eval_arguments
     add_eval_arguments(commands.add_parser("eval", help="bits/dim, FD with its real-vs-real floor, "
-                                                        "class entropy and memorisation of a run"))
+                                                        "class entropy and memorisation of a run; PSNR, SSIM "
+                                                        "(or IoU, Dice) of an image-to-image run on test pairs"))
     from .inpaint import add_inpaint_arguments
     add_inpaint_arguments(commands.add_parser("inpaint", help="fill in the masked part of an image (RePaint); "
                                                               "mask WHITE = KEEP"))

@@ -11,18 +11,10 @@ the baselines needed to read them.
     entropy       entropy of the classifier's class histogram of the samples (and of real images)
     memorisation  fraction of samples nearer a training image than 99% of real test images are
 
-Every real set is drawn at random (seeded) from the test images, never a block of them: the MNIST
-test set is ordered (its first 5,000 digits come from cleaner writers than its last 5,000, says the
-MNIST page), and blocks from its start made a floor (7.3) far below the FD of random training
-digits (25-30), an unreachable target for any model of the training data.
-
-Which real data: the run's own (`--data` overrides). A source with a test split (mnist,
-fashion-mnist, an .npz with x_test) is used as it is. The built-in set is the first 10,000 MNIST
-training digits, so when full MNIST is on disk its test set is the reference and the classifier is
-the full-MNIST one (the same feature space as for `--data mnist` runs); otherwise, and for any
-source without a test split, a random fifth of the training images (at most 10,000, seed 0) is held
-out as the reference, and the classifier trains on the rest with their labels (subfolder names for a
-folder). The denoiser saw those images, which the report says.
+Which real images (a seeded random draw of the test split, never a block of it) is reference.py's
+policy. An image-to-image run (a --task or --data-cond run, diffusion or direct) is scored on held-out
+test pairs instead: PSNR, SSIM and FD of its outputs, or IoU, Dice and pixel accuracy of a direct run's
+masks (task_eval.py).
 """
 from __future__ import annotations
 
@@ -30,7 +22,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,56 +30,19 @@ import torch
 import samplers
 
 from .atomic import atomic_write_text
-from .data import ImageData, load_data
 from .images import to_uint8
-from .download import data_folder
-from .errors import DataError, UserError
-from .features import (STRICT_CLASSIFIER, ClassifierConfig, cached_classifier, class_entropy, classify,
-                       frechet_distance, memorisation_rate, nearest_distances)
+from .errors import UserError
+from .features import STRICT_CLASSIFIER, ClassifierConfig, memorisation_rate, nearest_distances
 from .generate import generate
 from .likelihood import nll_bits_per_dim
+from .reference import MAX_REFERENCES, EvalData, check_reference, eval_data, feature_statistics, split_real
 from .run import load_run
+from .task_eval import evaluate_task, task_rows, task_title
 from .training import pick_device
 
 MEMORISATION_QUANTILE = 0.01   # share of real test images under the memorisation threshold
-MAX_HELD_OUT = 10_000          # at most this many training images are held out when there is no test split
-HELD_OUT_SEED = 0              # which ones: a random fifth drawn with this seed, the same in every evaluation
-MAX_REFERENCES = 4             # FD and floor are means over this many disjoint reference sets of N, where they fit
-
-
-@dataclass
-class EvalData:
-    train: ImageData          # the denoiser's training images (nearest-neighbour search)
-    test: ImageData           # the reference: NLL images, FD reference, memorisation calibration
-    labelled: ImageData       # the classifier's training split (may be unlabelled: then no classifier)
-    reference: str            # what `test` is, in words
-
-
-def eval_data(source: str, train_config: dict, progress: bool = False) -> EvalData:
-    """The real images an evaluation compares against (see the module docstring for the policy)."""
-    options = {"image_size": train_config.get("image_size"), "channels": train_config.get("channels"),
-               "alpha_background": train_config.get("alpha_background", 0), "progress": progress}
-    train = load_data(source, **options)
-    if source == "builtin" and (data_folder() / "mnist.npz").is_file():
-        return EvalData(train, load_data("mnist", split="test", **options), load_data("mnist", **options),
-                        "MNIST test set (the built-in data are MNIST training digits)")
-    if source != "builtin":
-        try:
-            test = load_data(source, split="test", **options)
-            return EvalData(train, test, train, f"{train.name} test split")
-        except DataError:
-            pass
-    held = min(len(train.images) // 5, MAX_HELD_OUT)
-    if held < 2:
-        raise UserError(f"{source} has {len(train.images)} images and no test split; give --data with a test split")
-    # A seeded random draw, not the last images: folders are read class by class, so their tail is one class.
-    order = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    cut = lambda data, part: replace(data, images=data.images[part],
-                                     labels=data.labels[part] if data.labels is not None else None)
-    kept = cut(train, order[:-held].sort().values)
-    return EvalData(kept, cut(train, order[-held:].sort().values), kept,
-                    f"{held} training images held out at random (seed {HELD_OUT_SEED}; no test split, "
-                    f"and the denoiser trained on them)")
+__all__ = ["evaluate", "format_table", "add_eval_arguments", "run_eval",
+           "MAX_REFERENCES", "eval_data", "split_real"]   # the last three: reference.py's, for older imports
 
 
 def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000, sampler: str | None = None,
@@ -101,7 +56,8 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
     Args:
         checkpoint: run folder or model.safetensors.
         data: the real data (default: the run's training data).
-        num: N, samples for FD, entropy and memorisation (and real images per FD set).
+        num: N, samples for FD, entropy and memorisation (and real images per FD set); for an image-to-image
+            run, the test pairs scored (task_eval.py).
         sampler, steps, guidance: how to sample (default: the run's grid settings).
         unconditional: sample a class-conditional model without labels (default: labels i % classes).
         nll_images: test images for the likelihood (0 skips it); nll_timesteps: forwards per image
@@ -112,15 +68,14 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
     """
     device = torch.device(device)
     run = load_run(checkpoint, device=device)
+    if run.task.kind != "none":  # image to image: the task's own figures on held-out test pairs (task_eval.py)
+        return evaluate_task(run, checkpoint, data=data, num=num, sampler=sampler, steps=steps, guidance=guidance,
+                             unconditional=unconditional, nll_images=nll_images, seed=seed, batch_size=batch_size,
+                             classifier=classifier, strict_classifier=strict_classifier, progress=progress)
     model, train_config, image_shape = run.model, run.train_config, run.image_shape
     source = data or train_config.get("data") or run.data_name
     real = eval_data(source, train_config, progress)
-    if tuple(real.test.images.shape[1:]) != image_shape:
-        raise UserError(f"data (--data) {source} has images of shape {tuple(real.test.images.shape[1:])} but the model "
-                        f"makes {image_shape}; evaluate against the run's data")
-    if not 2 <= num <= len(real.test.images):
-        raise UserError(f"num (--num) must be in 2..{len(real.test.images)} (the reference has "
-                        f"{len(real.test.images)} images); got {num}")
+    check_reference(real.test, source, image_shape, num)
     if not 0 <= nll_images <= len(real.test.images):
         raise UserError(f"nll_images (--nll-images) must be in 0..{len(real.test.images)}; got {nll_images}")
     schedule, prediction = run.schedule, run.prediction
@@ -170,7 +125,7 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
                          "labels": "balanced" if labels is not None else "none",
                          "seconds": time.perf_counter() - started}
     if real.labelled.labels is not None and len(real.labelled.labels) > 0:
-        report.update(_feature_statistics(samples, labels, real, order, classifier, device, progress,
+        report.update(feature_statistics(samples, labels, real, order, classifier, device, progress,
                                           strict_classifier))
     else:
         report["fd_unavailable"] = (f"no FD, class entropy or label agreement: {source} has no labels for the feature "
@@ -178,59 +133,6 @@ def evaluate(checkpoint: str | Path, *, data: str | None = None, num: int = 1000
                                     "with labels)")
     report["memorisation"] = _memorisation(samples, real, order[:num])
     return report
-
-
-def split_real(order: torch.Tensor, num: int) -> list[torch.Tensor]:
-    """A random order of the test images cut into disjoint index sets of `num`: at most MAX_REFERENCES + 1."""
-    return [order[start:start + num] for start in range(0, (len(order) // num) * num, num)][:MAX_REFERENCES + 1]
-
-
-def _feature_statistics(samples: torch.Tensor, labels: torch.Tensor | None, real: EvalData, order: torch.Tensor,
-                        config: ClassifierConfig, device: torch.device, progress: bool,
-                        strict: ClassifierConfig | None = None) -> dict:
-    """The "classifier", "fd" and "entropy" sections, and with a `strict` classifier config "classifier_strict"
-    and "fd_strict", the same FD in that second feature space (features.STRICT_CLASSIFIER). The test
-    images, in the random `order`, are cut into sets of N: the first is the real stand-in for the
-    samples, the next (up to MAX_REFERENCES) are references. FD is the mean distance from the samples to each reference, the floor the same
-    mean from the stand-in. With room for one set only, the stand-in is the last N training images."""
-    started, num = time.perf_counter(), len(samples)
-    sets = split_real(order, num)
-    if len(sets) >= 2:
-        stand_in, references = real.test.images[sets[0]], sets[1:]
-        stand_in_name = f"{num} other random test images"
-    else:
-        stand_in, references = real.train.images[-num:], sets
-        stand_in_name = f"the last {num} training images"
-    labelled, report = real.labelled, {}
-    for suffix, classifier_config in (("", config), ("_strict", strict)):
-        if classifier_config is None:
-            continue
-        net, path, trained = cached_classifier(labelled.images, labelled.labels, labelled.num_classes, labelled.name,
-                                               classifier_config, device=device, progress=progress)
-        sample_features, sample_classes = classify(net, samples, device=device)
-        stand_in_features, _ = classify(net, stand_in, device=device)
-        reference = [classify(net, real.test.images[index], device=device)              # (features, classes)
-                     for index in references]
-        values = [frechet_distance(sample_features, features) for features, _ in reference]
-        floors = [frechet_distance(stand_in_features, features) for features, _ in reference]
-        fd, floor = sum(values) / len(values), sum(floors) / len(floors)
-        real_classes = reference[0][1]
-        accuracy = (real_classes == real.test.labels[references[0]]).double().mean().item() \
-            if real.test.labels is not None else None
-        report["classifier" + suffix] = {"path": str(path), "trained_now": trained, **asdict(classifier_config),
-                                         "reference_accuracy": accuracy, "seconds": time.perf_counter() - started}
-        report["fd" + suffix] = {
-            "value": fd, "floor": floor, "ratio": fd / floor if floor > 0 else None, "num": num,
-            "values": values, "floors": floors,
-            "floor_sets": f"{stand_in_name} vs {len(references)} reference set(s) of {num} random test images"}
-        if not suffix:  # the class histogram and label agreement: in the first feature space only
-            agreement = (sample_classes == labels).double().mean().item() if labels is not None else None
-            report["entropy"] = {"samples_bits": class_entropy(sample_classes, labelled.num_classes),
-                                 "real_bits": class_entropy(real_classes, labelled.num_classes),
-                                 "max_bits": math.log2(labelled.num_classes), "label_agreement": agreement}
-        started = time.perf_counter()
-    return report
-
 
 def _memorisation(samples: torch.Tensor, real: EvalData, calibration: torch.Tensor) -> dict:
     """Nearest training image in pixel space, with the threshold calibrated on the test images `calibration`."""
@@ -246,7 +148,7 @@ def _memorisation(samples: torch.Tensor, real: EvalData, calibration: torch.Tens
 
 def format_table(report: dict) -> str:
     """The report as a small aligned table: metric, value, what to compare it with."""
-    rows = [("metric", "value", "notes")]
+    rows = [("metric", "value", "notes")] + (task_rows(report) if "task" in report else [])
     nll = report.get("nll")
     if nll:
         stderr = f" ± {nll['stderr']:.3f}" if nll["stderr"] is not None else ""
@@ -280,14 +182,16 @@ def format_table(report: dict) -> str:
                      f"px shifts" + (f", {accuracy:.1%} accurate" if accuracy is not None else "")))
     if report.get("fd_unavailable"):
         rows.append(("FD (floor)", "-", report["fd_unavailable"]))
-    memo = report["memorisation"]
-    rows.append(("memorisation", f"{memo['rate']:.1%}",
-                 f"real test {memo['real_rate']:.1%}; nearest of {memo['train_images']} training images "
-                 f"closer than L2 {memo['threshold']:.2f}"))
-    samples = report["samples"]
-    title = (f"{report['checkpoint']} (step {report['step']}) | data {report['data']} | reference: "
-             f"{report['reference']} | samples: {samples['sampler']} {samples['steps']} steps, "
-             f"guidance {samples['guidance']}, seed {report['seed']}")
+    if "task" in report:  # an image-to-image run: its figures head the table; no memorisation
+        title = task_title(report)
+    else:
+        memo, samples = report["memorisation"], report["samples"]
+        rows.append(("memorisation", f"{memo['rate']:.1%}",
+                     f"real test {memo['real_rate']:.1%}; nearest of {memo['train_images']} training images "
+                     f"closer than L2 {memo['threshold']:.2f}"))
+        title = (f"{report['checkpoint']} (step {report['step']}) | data {report['data']} | reference: "
+                 f"{report['reference']} | samples: {samples['sampler']} {samples['steps']} steps, "
+                 f"guidance {samples['guidance']}, seed {report['seed']}")
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     lines = [title] + [f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}" for row in rows]
     return "\n".join(lines)
@@ -296,8 +200,10 @@ def format_table(report: dict) -> str:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The `diffunet eval` flags."""
     parser.add_argument("--checkpoint", required=True, help="run folder or model.safetensors")
-    parser.add_argument("--data", default=None, help="real data to compare with (default: the run's)")
-    parser.add_argument("--num", type=int, default=1000, help="N: samples, and real images per FD set (default: 1000)")
+    parser.add_argument("--data", default=None, help="real data to compare with (default: the run's; for a --data-cond "
+                        "run, a pairs set with held-out pairs)")
+    parser.add_argument("--num", type=int, default=1000, help="N: samples, and real images per FD set; for an image-to-"
+                        "image run, the test pairs scored (default: 1000)")
     parser.add_argument("--sampler", default=None, help="ddpm | ddim | dpmpp_2m | euler | heun (default: the run's)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the run's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the run's)")

@@ -3,6 +3,10 @@
 A pairs set is two folders PATH/inputs and PATH/targets whose image files have the same relative names,
 or one .npz with uint8 arrays `inputs` and `targets` (and optional `labels`). Each input must have its
 target's height and width; the input's channels may differ (e.g. a sketch for a colour image).
+
+Held-out pairs, never trained on, are the set's test split (`split="test"`, what `diffunet eval` scores):
+arrays `test_inputs` and `test_targets` (and optional `test_labels`) in the .npz, or the folders
+PATH/test/inputs and PATH/test/targets.
 """
 from __future__ import annotations
 
@@ -18,19 +22,27 @@ from .errors import DataError
 
 
 def load_pairs(path: str | os.PathLike, *, image_size: int | None = None, channels: int | None = None,
-               alpha_background: int = 0, progress: bool = True) -> tuple[ImageData, Tensor]:
+               alpha_background: int = 0, progress: bool = True, split: str = "train") -> tuple[ImageData, Tensor]:
     """Aligned (input, target) pairs: folders PATH/inputs and PATH/targets with the same file names, or
     an .npz with uint8 arrays `inputs` and `targets` (and optional `labels`); same sizes pair by pair.
 
+    Args:
+        split: "train", or "test" for the held-out pairs (test_inputs / test_targets, or PATH/test/).
     Returns:
         (the targets as ImageData, the inputs uint8 [N, C_in, H, W]); `channels` applies to the targets.
     Raises:
-        DataError: naming the first unaligned name (or index) and the fix.
+        DataError: naming the first unaligned name (or index) and the fix, or the missing test split.
     """
     path = Path(path).expanduser()
+    if split not in ("train", "test"):
+        raise DataError(f"split must be 'train' or 'test'; got {split!r}")
     hint = "give a folder with inputs/ and targets/ (same file names) or an .npz with inputs and targets"
     if path.is_file() and path.suffix.lower() == ".npz":
-        return _npz_pairs(path, image_size, channels, alpha_background)
+        return _npz_pairs(path, image_size, channels, alpha_background, "" if split == "train" else "test_")
+    if split == "test":
+        if not (path / "test" / "inputs").is_dir():
+            raise DataError(f"{path} has no held-out pairs; put them in {path / 'test'} as inputs/ and targets/")
+        path = path / "test"
     if not (path / "inputs").is_dir() or not (path / "targets").is_dir():
         raise DataError(f"data_cond (--data-cond) {path} is not a pairs set; {hint}")
     names = {side: image_names(path / side) for side in ("inputs", "targets")}
@@ -49,11 +61,23 @@ def load_pairs(path: str | os.PathLike, *, image_size: int | None = None, channe
     return targets, inputs
 
 
-def _npz_pairs(path: Path, image_size: int | None, channels: int | None,
-               alpha_background: int) -> tuple[ImageData, Tensor]:
-    """load_pairs for an .npz: arrays inputs, targets (uint8 [N, H, W(, C)] or [N, C, H, W]), labels optional."""
+def has_test_pairs(path: str | os.PathLike) -> bool:
+    """Whether the pairs set at `path` holds held-out pairs (test_inputs / test_targets, or PATH/test/)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as arrays:
+            return {"test_inputs", "test_targets"} <= set(arrays.files)
+    return (path / "test" / "inputs").is_dir() and (path / "test" / "targets").is_dir()
+
+
+def _npz_pairs(path: Path, image_size: int | None, channels: int | None, alpha_background: int,
+               prefix: str = "") -> tuple[ImageData, Tensor]:
+    """load_pairs for an .npz: arrays inputs, targets (uint8 [N, H, W(, C)] or [N, C, H, W]), labels optional;
+    with prefix "test_" the held-out test_inputs, test_targets and test_labels."""
     with np.load(path, allow_pickle=False) as arrays:
-        found = {key: arrays[key] for key in arrays.files}
+        found = {key[len(prefix):]: arrays[key] for key in arrays.files if key.startswith(prefix)}
+    if prefix and ("inputs" not in found or "targets" not in found):
+        raise DataError(f"{path} has no held-out pairs; save them in it as arrays {prefix}inputs and {prefix}targets")
     if "inputs" not in found or "targets" not in found:
         raise DataError(f"{path} has arrays {sorted(found)}; a pairs .npz needs arrays named inputs and targets")
     if image_size is not None:

@@ -108,7 +108,15 @@ class Run:
         Returns:
             float tensor [num, C, H, W] on the CPU, in [-1, 1].
         """
-        condition = self.condition(num, cond, mask)
+        return self.sample_conditioned(self.condition(num, cond, mask), num, seed=seed, label=label,
+                                       guidance=guidance, sampler=sampler, steps=steps, batch_size=batch_size,
+                                       progress=progress, cond_guidance=cond_guidance)
+
+    def sample_conditioned(self, condition: Tensor | None, num: int, seed: int = 0, label: int | None = None,
+                           guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
+                           batch_size: int = 64, progress: bool = False, cond_guidance: float = 1.0) -> Tensor:
+        """`sample` from ready conditions [num, cond_channels, H, W] in [-1, 1], as `tasks.split_batch` derives
+        them in training (None for a run without a task); the other arguments as in `sample`."""
         if self.objective == "direct":  # no noise, no sampler: the network's own output (a mask for cross-entropy)
             if label is not None or guidance is not None:
                 raise UserError(f"{self.path} was trained directly (--objective direct), without labels or guidance; "
