@@ -30,7 +30,7 @@ def read_cond(args, run) -> tuple[list[str], torch.Tensor | None, torch.Tensor |
         odd = next(name for name, array in zip(names, arrays) if array.shape != arrays[0].shape)
         raise UserError(f"--cond {folder}: {odd} is not the size of {names[0]}; give inputs of one size")
     cond = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()      # [N, C', h, w] uint8
-    _, height, width = run.image_shape
+    _, height, width = run.output_shape(cond)    # a direct run's at the input's size, a diffusion run's its own
     mask = None if args.mask is None else (read_picture(args.mask, "--mask", 1, height, width) >= 128).float()
     return names, cond, mask
 

@@ -102,7 +102,8 @@ class Run:
             guidance, sampler, steps: None takes the run's own (see `Run.guidance` etc.).
             cond: a task run's inputs, [1 or num, C', h, w] uint8 or float in [-1, 1]
                 (`tasks.condition_from_inputs`: e.g. 7x7 images for a superres:4 run on 28x28); one input is
-                used for all `num` images. Required for a task run, refused otherwise.
+                used for all `num` images. Required for a task run, refused otherwise. A direct run takes
+                inputs of any size (`output_shape`); a diffusion run those of its training size.
             mask: inpaint runs: [1 or num, 1, H, W], 1 = keep, 0 = fill in.
             cond_guidance: classifier-free guidance on the condition (runs trained with cond dropout).
         Returns:
@@ -178,10 +179,28 @@ class Run:
         if cond is None:
             raise UserError(f"{self.path} is a {self.task.name} run: give its inputs as cond "
                             f"(diffunet sample --cond IMAGE_OR_FOLDER)")
-        condition = condition_from_inputs(self.task, cond, self.image_shape, mask)
+        condition = condition_from_inputs(self.task, cond, self.output_shape(cond), mask)
         if len(condition) not in (1, num):
             raise UserError(f"got {len(condition)} condition inputs for {num} images; give one, or one per image")
         return condition.expand(num, *condition.shape[1:])
+
+
+    def output_shape(self, cond: Tensor) -> tuple[int, int, int]:
+        """(C, H, W) of the outputs for inputs cond [..., h, w]. A direct run maps any size (overlap-tile,
+        `direct.predict`): h x w, or for superres F h x F w unless h x w is the training size (then shrunk
+        first, as in training). A diffusion run samples its training size only; another is a UserError."""
+        channels, height, width = self.image_shape
+        size, factor = tuple(cond.shape[-2:]), self.task.factor
+        allowed = [(height, width), (height // factor, width // factor)] if self.task.kind == "superres" \
+            else [(height, width)]
+        if self.objective == "direct":
+            return (channels, *size) if size == allowed[0] else (channels, size[0] * factor, size[1] * factor)
+        if size not in allowed:
+            sizes = " or ".join(f"{w}x{h}" for h, w in allowed)
+            raise UserError(f"{self.path} is a diffusion run: it samples {width}x{height} images, so its "
+                            f"{self.task.name} inputs must be {sizes} (width x height); got {size[1]}x{size[0]}: "
+                            f"resize the input (a direct run, --objective direct, takes any size)")
+        return self.image_shape
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:

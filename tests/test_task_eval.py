@@ -1,6 +1,6 @@
 """`diffunet eval` on image-to-image runs (diffunet/task_eval.py): the metrics against closed forms and hand
 counts, held-out pairs, the figures of diffusion and direct runs recomputed from their test pairs, the
-one-line notes for what cannot be given."""
+one-line notes for what cannot be given; and `diffunet sample --cond` at other sizes on direct runs."""
 from __future__ import annotations
 
 import importlib.util
@@ -241,3 +241,56 @@ def test_eval_direct_inpaint_run_scores_masks_drawn_from_the_seed_and_notes_miss
     outputs = to_uint8(direct.predict(load_run(out).model, masked_condition(to_model_range(truth), keep), 1))
     assert report["psnr"]["mean"] == pytest.approx(metrics.psnr(outputs, truth).mean().item(), rel=1e-9)
 
+
+# ---- sample --cond at other sizes ---------------------------------------------------------------
+
+def test_sample_cond_on_a_direct_run_takes_any_size(work, tmp_path):
+    run = load_run(work / "segment")
+    picture = np.random.default_rng(1).integers(0, 256, (16, 21), dtype=np.uint8)  # trained on 12x12
+    Image.fromarray(picture).save(tmp_path / "wide.png")
+    assert main(["sample", "--checkpoint", str(work / "segment"), "--cond", str(tmp_path / "wide.png"), "--out",
+                 str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each"), "--no-progress"]) == 0
+    written = np.array(Image.open(tmp_path / "each" / "wide.png"))
+    expected = run.sample(1, cond=torch.from_numpy(picture)[None, None])             # the Python API, same size
+    assert written.shape == (16, 21) and expected.shape == (1, 1, 16, 21)
+    assert np.array_equal(written, to_uint8(expected)[0, 0].numpy())
+    whole = direct.predict(run.model, to_model_range(torch.from_numpy(picture))[None, None], 1)
+    assert torch.equal(expected, whole)                                               # overlap-tile at 16x21
+
+
+def test_sample_cond_on_a_direct_superres_run_at_another_size_upsamples_by_the_factor(work, tmp_path):
+    out = work / "superres_direct"
+    assert main(["train", "--data", str(work / "digits.npz"), "--task", "superres:4", "--out", str(out),
+                 "--steps", "1", *DIRECT, "--model-out-channels", "1", *QUICK]) == 0
+    run = load_run(out)
+    small = torch.from_numpy(BUILTIN["images"][:2, ::3, ::2].copy())[:, None]       # 10x14: not 7x7 or 28x28
+    assert run.sample(2, cond=small).shape == (2, 1, 40, 56)
+    full = torch.from_numpy(BUILTIN["images"][:2])[:, None]                          # the training size: shrunk first
+    low = shrink_and_restore(to_model_range(full), 4)[..., ::4, ::4]                 # its 7x7 block means
+    assert torch.equal(run.sample(2, cond=full), run.sample(2, cond=low))
+
+
+def test_sample_cond_on_a_diffusion_run_at_another_size_names_the_size_it_needs(superres, tmp_path, capsys):
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(tmp_path / "odd.png")
+    assert main(["sample", "--checkpoint", str(superres), "--cond", str(tmp_path / "odd.png"), "--out",
+                 str(tmp_path / "grid.png"), "--no-progress"]) == 1
+    line = last_error(capsys)
+    assert "inputs must be 28x28 or 7x7 (width x height); got 20x16: resize the input" in line
+
+
+def test_sample_cond_with_a_mask_on_a_direct_inpaint_run_at_another_size(work, tmp_path):
+    out = work / "inpaint_direct_any_size"
+    assert main(["train", "--data", str(work / "digits.npz"), "--task", "inpaint", "--out", str(out), "--steps", "1",
+                 *DIRECT, "--model-out-channels", "1", *QUICK]) == 0
+    picture = BUILTIN["images"][0][4:20, 2:22].copy()                                # 20x16 of a 28x28 digit
+    keep = np.zeros((16, 20), np.uint8)
+    keep[:, :10] = 255                                                                # keep the left half
+    Image.fromarray(picture).save(tmp_path / "image.png")
+    Image.fromarray(keep).save(tmp_path / "keep.png")
+    assert main(["sample", "--checkpoint", str(out), "--cond", str(tmp_path / "image.png"), "--mask",
+                 str(tmp_path / "keep.png"), "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each"),
+                 "--no-progress"]) == 0
+    written = np.array(Image.open(tmp_path / "each" / "image.png"))
+    expected = load_run(out).sample(1, cond=torch.from_numpy(picture)[None, None],
+                                    mask=torch.from_numpy(keep >= 128)[None, None])
+    assert written.shape == (16, 20) and np.array_equal(written, to_uint8(expected)[0, 0].numpy())
