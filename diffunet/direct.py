@@ -20,9 +20,13 @@ The per-pixel loss follows from the network's output channels K and the target's
                       saved as 0 / 255 is background 0 / foreground 1 for the 2015 preset's K = 2
 
 anything else is refused with the flag to change. Labels are not used: the output is a function of the
-condition alone. The paper's border-weight map (sec. 3, eq. 2) is not used.
+condition alone. The cross-entropy may be weighted per pixel by the paper's weight map (sec. 3, eq. 2;
+`TrainConfig.border_weight` = w0, off by default): class balance plus a border term that is large in the
+thin gaps between touching objects, so the network learns to keep them apart (`weight_map`).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,7 @@ from .errors import UserError
 from .unet import PRESETS, UNet, UNetConfig
 
 OBJECTIVES = ("diffusion", "direct")  # TrainConfig.objective
+BORDER_SIGMA = 5.0                    # sigma of the weight map's border term, pixels (Ronneberger et al. 2015, sec. 3)
 PRESET = "ronneberger2015"            # what --preset auto means for a direct run
 _TILE_SIDES: dict[tuple[UNetConfig, int], tuple[int, int]] = {}  # (config, side) -> (input side, output side)
 
@@ -91,21 +96,125 @@ def crop_output(out: Tensor, height: int, width: int) -> Tensor:
     return valid.center_crop(out, height, width)
 
 
-def direct_loss(forward, unet: UNet, cond: Tensor, target: Tensor) -> Tensor:
+def direct_loss(forward, unet: UNet, cond: Tensor, target: Tensor, border_weight: float = 0.0) -> Tensor:
     """Per-example loss [B] of the network mapping cond [B, Cc, H, W] to target [B, C, H, W] (both in [-1, 1]).
 
     Args:
         forward: the callable to run: the UNet itself, or its DDP / compiled wrapper.
         unet: the UNet behind it, whose padding and size arithmetic apply.
+        border_weight: w0 of the 2015 weight map (`weight_map`; the paper's 10) weighting the cross-entropy
+            pixel by pixel; 0 = unweighted. Refused (UserError) for an MSE target.
     Returns:
-        the mean squared error, or the cross-entropy over the classes (see the module docstring), per example.
+        the mean squared error, or the (weighted) cross-entropy over the classes averaged over the pixels
+        (Ronneberger et al. 2015, eq. 1, per pixel), per example.
     """
     height, width = target.shape[-2:]
     out = crop_output(forward(overlap_tile_pad(cond, unet)), height, width)      # [B, K, H, W]
     if loss_kind(out.shape[1], target.shape[1]) == "mse":
+        if border_weight > 0:
+            raise UserError("border_weight (--border-weight) weights a cross-entropy over mask classes; this run's "
+                            "targets are images (mean squared error): drop --border-weight")
         return (out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     classes = target_classes(target, out.shape[1])                                 # [B, H, W]
-    return F.cross_entropy(out.float(), classes, reduction="none").mean(dim=(1, 2))
+    loss = F.cross_entropy(out.float(), classes, reduction="none")                 # [B, H, W]
+    if border_weight > 0:
+        loss = loss * weight_map(classes, out.shape[1], border_weight)
+    return loss.mean(dim=(1, 2))
+
+
+# ---- the 2015 weight map (sec. 3, eq. 2) ------------------------------------------------------
+
+@torch.no_grad()
+def weight_map(classes: Tensor, num_classes: int, border_weight: float = 10.0, sigma: float = BORDER_SIGMA) -> Tensor:
+    """The loss weights of Ronneberger et al. 2015 (sec. 3, eq. 2) for class maps [B, H, W] (0 = background):
+
+        w(x) = w_c(x) + w0 exp(-(d1(x) + d2(x))^2 / (2 sigma^2))
+
+    w_c balances the class frequencies within each image: H W / (K' n_k) for a pixel of class k, with n_k the
+    pixels of class k and K' the classes present, so every class present carries the same total weight and
+    w_c averages 1. d1 and d2 are the Euclidean distances (pixels) to the nearest and the second-nearest
+    object, an object being a 4-connected region of one foreground class (`connected_components`); a pixel
+    of an object is at distance 0 from it. With fewer than two objects the border term is 0.
+
+    Args:
+        border_weight: w0 (the paper's 10); sigma: in pixels (the paper's "approximately 5").
+    Returns:
+        float32 [B, H, W].
+    """
+    with torch.autocast(classes.device.type, enabled=False):   # distances in float32 even in a bf16 step
+        return _weight_map(classes, num_classes, border_weight, sigma)
+
+
+def _weight_map(classes: Tensor, num_classes: int, border_weight: float, sigma: float) -> Tensor:
+    """weight_map's arithmetic, [B, H, W] long -> [B, H, W] float32."""
+    batch, height, width = classes.shape
+    counts = F.one_hot(classes, num_classes).flatten(1, 2).sum(1)                   # [B, K] pixels per class
+    present = (counts > 0).sum(1, keepdim=True)                                      # [B, 1] K'
+    balance = height * width / (present * counts.clamp(min=1)).float()              # [B, K]
+    w_c = balance.gather(1, classes.flatten(1)).reshape(batch, height, width)       # [B, H, W]
+    d1, d2 = object_distances(connected_components(classes))
+    return w_c + border_weight * torch.exp(-(d1 + d2) ** 2 / (2 * sigma ** 2))      # exp(-inf) = 0: < 2 objects
+
+
+def connected_components(classes: Tensor) -> Tensor:
+    """[B, H, W] class maps -> [B, H, W] long object ids: 0 on the background (class 0), else one id per
+    4-connected region of one class, unique across the batch (each pixel takes the largest id among its
+    same-class neighbours until nothing changes)."""
+    ids = torch.arange(1, classes.numel() + 1, device=classes.device).reshape(classes.shape)
+    labels = torch.where(classes > 0, ids, torch.zeros_like(ids))
+    while True:
+        spread = labels.clone()
+        for here, there in _neighbour_slices():
+            same = (classes[here] == classes[there]) & (classes[here] > 0)
+            spread[here] = torch.maximum(spread[here], torch.where(same, labels[there], 0))
+        if torch.equal(spread, labels):
+            return labels
+        labels = spread
+
+
+def object_distances(objects: Tensor, chunk: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """(d1, d2) float32 [B, H, W]: each pixel's Euclidean distance to its nearest and second-nearest object in
+    the object ids [B, H, W] (0 = none); inf where there are fewer objects. The nearest pixel of an object
+    to a pixel outside it lies on its boundary, so only boundary pixels are measured, `chunk` distances at
+    a time."""
+    batch, height, width = objects.shape
+    boundary = torch.zeros_like(objects, dtype=torch.bool)
+    for here, there in _neighbour_slices():
+        boundary[here] |= objects[here] != objects[there]
+    boundary &= objects > 0
+    rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    grid = torch.stack([rows, columns], -1).reshape(-1, 2).float().to(objects.device)    # [H W, 2]
+    d1 = torch.full((batch, height * width), math.inf, device=objects.device)
+    d2 = d1.clone()
+    for b in range(batch):
+        ids = objects[b].unique()
+        ids = ids[ids > 0]                                                          # this image's objects
+        if len(ids) == 0:
+            continue
+        points = boundary[b].nonzero().float()                                      # [P, 2]
+        owner = torch.searchsorted(ids, objects[b][boundary[b]])                    # [P] index into ids
+        distance = torch.full((height * width, len(ids)), math.inf, device=objects.device)
+        step = max(1, chunk // max(1, len(points)))
+        for start in range(0, height * width, step):
+            part = torch.cdist(grid[start:start + step], points)                    # [step, P]
+            distance[start:start + step].scatter_reduce_(1, owner.expand(len(part), -1), part, "amin")
+        inside = objects[b].flatten() > 0
+        own = torch.searchsorted(ids, objects[b].flatten()[inside])
+        distance[inside.nonzero()[:, 0], own] = 0                                    # in an object: 0 from it
+        nearest = distance.topk(min(2, len(ids)), dim=1, largest=False).values      # [H W, 1 or 2] ascending
+        d1[b] = nearest[:, 0]
+        if len(ids) > 1:
+            d2[b] = nearest[:, 1]
+    return d1.reshape(batch, height, width), d2.reshape(batch, height, width)
+
+
+def _neighbour_slices():
+    """(here, there) index pairs into [B, H, W] that pair every pixel with its up, down, left and right neighbour."""
+    every = slice(None)
+    return [((every, slice(1, None), every), (every, slice(None, -1), every)),
+            ((every, slice(None, -1), every), (every, slice(1, None), every)),
+            ((every, every, slice(1, None)), (every, every, slice(None, -1))),
+            ((every, every, slice(None, -1)), (every, every, slice(1, None)))]
 
 
 def target_classes(target: Tensor, num_classes: int) -> Tensor:

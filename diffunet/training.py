@@ -94,6 +94,8 @@ class TrainConfig:
                                         # with a per-pixel loss and overlap-tile padding (diffunet/direct.py); needs a task
     data_cond: str | None = None        # your own aligned pairs: a folder with inputs/ and targets/, or an .npz
     cond_dropout: float = 0.0           # probability of zeroing an example's condition (trains condition guidance)
+    border_weight: float = 0.0          # direct runs with mask targets: w0 of the 2015 weight map on the cross-entropy
+                                        # (Ronneberger et al. 2015, eq. 2; the paper's 10); 0 = unweighted
     precision: str = "auto"             # auto (bf16 where the CPU/GPU has native bf16, else fp32) | fp32 | bf16
     compile: bool = False               # torch.compile the model for training
     device: str = "auto"                # auto | cpu | cuda | mps
@@ -179,6 +181,11 @@ class TrainConfig:
                              f"{_named('task')} (superres:F, inpaint, colorize) or {_named('data_cond')} pairs")
         if not (math.isfinite(self.cond_dropout) and 0 <= self.cond_dropout < 1):
             raise ValueError(f"{_named('cond_dropout')} must be in [0, 1); got {self.cond_dropout}")
+        if not (math.isfinite(self.border_weight) and self.border_weight >= 0) or \
+                (self.border_weight > 0 and self.objective != "direct"):
+            raise ValueError(f"{_named('border_weight')} must be a number >= 0 and weights the cross-entropy of "
+                             f"{_named('objective')} direct (Ronneberger et al. 2015, eq. 2); got {self.border_weight} "
+                             f"with objective {self.objective}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -400,7 +407,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
                 with ddp_model.no_sync() if not sync else contextlib.nullcontext():
                     with autocast:
                         if cfg.objective == "direct":  # no noise: a per-pixel loss of the network's map of cond
-                            loss = direct.direct_loss(forward, model, cond, x0).mean()
+                            loss = direct.direct_loss(forward, model, cond, x0, cfg.border_weight).mean()
                         else:
                             loss = training_loss(denoiser, x0, schedule, prediction=cfg.prediction,
                                                  weighting=cfg.loss_weighting, min_snr_gamma=cfg.min_snr_gamma,

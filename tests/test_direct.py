@@ -3,6 +3,7 @@ a small run of the 2015 preset end to end, and the one-line errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -176,6 +177,66 @@ def test_a_same_padding_preset_trains_directly_with_mse(tmp_path):
     out = train(direct_config(tmp_path / "run", tmp_path / "pairs.npz", preset="small28", steps=2), overrides)
     run = load_run(out)
     assert (run.config.out_channels, run.config.time_conditional, run.config.padding) == (1, False, "same")
+
+
+# ---- the 2015 weight map (Ronneberger et al. 2015, eq. 2) --------------------------------------
+
+def test_weight_map_matches_a_hand_computed_example():
+    """Objects A = (0, 0) and B = (2, 3), (2, 4) on a 3x5 map; d1 + d2 by hand from squared offsets."""
+    classes = torch.tensor([[[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 1, 1]]])
+    r = math.sqrt
+    distance_a = [[0, 1, 2, 3, 4], [1, r(2), r(5), r(10), r(17)], [2, r(5), r(8), r(13), r(20)]]
+    distance_b = [[r(13), r(8), r(5), 2, 2], [r(10), r(5), r(2), 1, 1], [3, 2, 1, 0, 0]]
+    total = torch.tensor(distance_a) + torch.tensor(distance_b)                  # d1 + d2, either order
+    w_c = torch.where(classes[0] > 0, 15 / (2 * 3), 15 / (2 * 12))             # H W / (K' n_k): 2.5 and 0.625
+    expected = w_c + 10 * torch.exp(-total ** 2 / (2 * 5 ** 2))
+    torch.testing.assert_close(direct.weight_map(classes, 2), expected[None], rtol=1e-6, atol=1e-6)
+    assert direct.weight_map(classes, 2)[0, 0, 0].item() == pytest.approx(2.5 + 10 * math.exp(-13 / 50))
+    one = torch.tensor([[[0, 1, 1], [0, 1, 0]]])                                  # one object: no border term
+    torch.testing.assert_close(direct.weight_map(one, 2), torch.ones(1, 2, 3))    # and 3 + 3 pixels: w_c = 1
+    torch.testing.assert_close(direct.weight_map(torch.zeros(1, 2, 3, dtype=torch.long), 2), torch.ones(1, 2, 3))
+    lopsided = torch.tensor([[[1, 0, 0, 0]]])                                     # w_c averages 1: 4/2 and 4/6
+    torch.testing.assert_close(direct.weight_map(lopsided, 2, 0.0), torch.tensor([[[2.0, 2 / 3, 2 / 3, 2 / 3]]]))
+
+
+def test_connected_components_are_4_connected_regions_of_one_class():
+    classes = torch.tensor([[[1, 0, 1], [1, 0, 1], [1, 1, 1]],                     # a U: one object
+                            [[1, 0, 2], [0, 1, 0], [2, 2, 0]]])                    # diagonals and classes part
+    ids = direct.connected_components(classes)
+    assert (ids[0][classes[0] > 0] == ids[0, 0, 0]).all() and (ids[0][classes[0] == 0] == 0).all()
+    second = ids[1][classes[1] > 0].tolist()                                      # (0,0) (0,2) (1,1) (2,0) (2,1)
+    assert len(set(second)) == 4 and second[3] == second[4] and ids[0, 0, 0] not in second
+    d1, d2 = direct.object_distances(ids[1:])
+    assert d1[0, 0, 1].item() == 1 and d2[0, 0, 1].item() == 1                    # between two objects
+    assert d1[0, 2, 2].item() == 1 and d2[0, 2, 2].item() == pytest.approx(math.sqrt(2))
+
+
+def test_border_weight_weights_the_cross_entropy_and_is_refused_for_mse():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 6, 7, generator=generator)
+    target = torch.where(torch.rand(2, 1, 6, 7, generator=generator) < 0.4, 1.0, -1.0)
+    same = UNet(UNetConfig.small28(base_channels=8, norm_groups=4))
+    loss = direct.direct_loss(lambda cond: logits, same, torch.zeros(2, 1, 6, 7), target, border_weight=10.0)
+    classes = direct.target_classes(target, 2)
+    per_pixel = F.cross_entropy(logits, classes, reduction="none")
+    torch.testing.assert_close(loss, (direct.weight_map(classes, 2, 10.0) * per_pixel).mean(dim=(1, 2)))
+    assert not torch.allclose(loss, per_pixel.mean(dim=(1, 2)))
+    with pytest.raises(UserError, match="drop --border-weight"):
+        direct.direct_loss(lambda cond: logits[:, :1], same, torch.zeros(2, 1, 6, 7), target, border_weight=10.0)
+
+
+def test_border_weight_trains_a_direct_run_and_bad_values_are_one_line_errors(tmp_path, capsys):
+    write_stroke_pairs(tmp_path / "pairs.npz", 16)
+    out = tmp_path / "run"
+    base = ["train", "--data-cond", str(tmp_path / "pairs.npz"), "--out", str(out), "--steps", "2", "--batch-size",
+            "8", "--quiet", "--device", "cpu", "--model-base-channels", "4", "--model-channel-mults", "1,2"]
+    assert main([*base, "--objective", "direct", "--border-weight", "10"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["border_weight"] == 10
+    assert TrainConfig().border_weight == 0                                        # off by default
+    for flags in (["--border-weight", "10"], ["--objective", "direct", "--border-weight", "-1"]):
+        assert main([*base, *flags, "--out", str(tmp_path / "bad")]) == 1
+        error = capsys.readouterr().err
+        assert "border_weight (--border-weight) must be a number >= 0" in error and error.count("\n") == 1
 
 
 # ---- errors -----------------------------------------------------------------------------------
