@@ -117,12 +117,17 @@ def preset_speeds(args) -> None:
 
 
 def parse_override(text: str) -> dict:
-    """'norm_groups=2' -> {"norm_groups": 2}: one UNetConfig field, an integer value."""
-    field, _, value = text.partition("=")
-    try:
-        return {field: int(value)}
-    except ValueError:
-        raise SystemExit(f"--override {text!r}: give FIELD=INTEGER, e.g. --override norm_groups=2") from None
+    """'norm_groups=2' -> {"norm_groups": 2}; 'base_channels=16,num_res_blocks=1' changes both: UNetConfig
+    fields with integer values."""
+    overrides = {}
+    for item in text.split(","):
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = int(value)
+        except ValueError:
+            raise SystemExit(f"--override {text!r}: give FIELD=INTEGER[,FIELD=INTEGER], e.g. --override "
+                             f"norm_groups=2") from None
+    return overrides
 
 
 def sampler_table(args) -> None:
@@ -171,8 +176,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice")
     parser.add_argument("--quick", action="store_true", help="3 rounds and 8 images per sampler")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    parser.add_argument("--override", action="append", default=[], metavar="FIELD=INT",
-                        help="also time each preset with this UNetConfig field changed, interleaved (repeatable)")
+    parser.add_argument("--override", action="append", default=[], metavar="FIELD=INT[,...]",
+                        help="also time each preset with these UNetConfig fields changed, interleaved (repeatable)")
     parser.add_argument("--default-malloc", dest="malloc", action="store_false",
                         help="leave glibc's malloc as it is, instead of keep_freed_memory() as the CLI does")
     args = parser.parse_args()
