@@ -39,7 +39,10 @@ from .runlog import MetricsLog
 from .unet import PRESETS, UNet, UNetConfig
 
 
-PROBE_STEPS = (5, 25)  # --minutes: the time per step is measured between these steps
+PROBE_STEPS = (10, 60)  # --minutes: the time per step is measured between these steps (inside the default warmup:
+                        # the learning rate does not depend on the step count there)
+FORWARD_SHARE = 1 / 3   # a sampling forward per image costs about a third of a training step's (forward + backward
+                        # ~ 3 forwards; benchmarks/train_speed.py: 216 train vs 647 sample-forward img/s, small32 fp32)
 
 
 def _named(field: str) -> str:
@@ -105,7 +108,7 @@ class TrainConfig:
     sample_every: int = 500             # steps between sample grids (also written at the end)
     num_samples: int = 64               # images in each grid
     sampler: str = "heun"               # grids, `sample` and `eval`: heun | dpmpp_2m | ddpm | ddim | euler
-    sample_steps: int = 10              # sampler steps (heun makes 2 model calls a step but the last: 19 calls;
+    sample_steps: int = 10              # sampler steps (heun: 2 model calls a step but the first and last, 18;
                                         # on MNIST FD 1.65-1.92x the floor, dpmpp_2m 10 calls 1.69-2.08x)
     guidance: float = 1.0               # classifier-free guidance for grids (1.0: lowest FD; > 1: bolder, less varied)
     quiet: bool = False                 # no progress bar
@@ -434,7 +437,7 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
             if cfg.minutes is not None and state is None and step in PROBE_STEPS:
                 probe_times.append(time.perf_counter())
                 if step == PROBE_STEPS[1]:  # fix the step count now, before the cosine decay depends on it
-                    cfg = _steps_for_budget(cfg, started, probe_times, world, device)
+                    cfg = _steps_for_budget(cfg, schedule, started, probe_times, world, device)
                     run_config = {**run_config, "train": cfg.to_dict()}
                     bar.total = cfg.steps
             loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
@@ -510,13 +513,19 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
-def _steps_for_budget(cfg: TrainConfig, started: float, probe_times: list[float], world: int,
+def _steps_for_budget(cfg: TrainConfig, schedule, started: float, probe_times: list[float], world: int,
                       device: torch.device) -> TrainConfig:
     """The config with `steps` fixed so that the run ends about cfg.minutes after `started`, from the time
-    per step between PROBE_STEPS (step 1 pays one-off costs); minutes -> None. All ranks agree (rank 0's)."""
+    per step between PROBE_STEPS (step 1 pays one-off costs), less the sample grids the run will draw (one every
+    sample_every steps and one at the end, each num_samples x the sampler's model calls, guidance doubling the
+    batch, a forward costing FORWARD_SHARE of a step's per-image time); minutes -> None. All ranks agree."""
     per_step = (probe_times[1] - probe_times[0]) / (PROBE_STEPS[1] - PROBE_STEPS[0])
-    remaining = cfg.minutes * 60 - (time.perf_counter() - started)
-    steps = torch.tensor([PROBE_STEPS[1] + max(0, int(remaining / per_step))], device=device)
+    forward_per_image = per_step / (cfg.batch_size * cfg.grad_accum) * FORWARD_SHARE
+    grid = cfg.num_samples * samplers.model_calls(cfg.sampler, schedule, cfg.sample_steps) * forward_per_image * \
+        (2 if cfg.guidance != 1 else 1)
+    remaining = cfg.minutes * 60 - (time.perf_counter() - started) - grid      # the last grid
+    more = max(0, int(remaining / (per_step + grid / cfg.sample_every)))      # steps, with a grid every sample_every
+    steps = torch.tensor([PROBE_STEPS[1] + more], device=device)
     if world > 1:
         dist.broadcast(steps, src=0)
     return dataclasses.replace(cfg, steps=int(steps.item()), minutes=None)

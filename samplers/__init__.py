@@ -15,13 +15,21 @@ from .dpm_solver import dpmpp_2m
 from .euler import euler
 from .flow import RectifiedFlow
 from .guidance import guided
-from .heun import heun
+from .heun import heun, heun_model_calls
 from .noise import randn
 from .path import PREDICTIONS, GaussianPath
 from .repaint import repaint
 from .schedule import Denoiser, NoiseSchedule
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}
+
+
+def model_calls(method: str, schedule: GaussianPath, steps: int, spacing: str = "trailing") -> int:
+    """Model evaluations `method` makes per image in `steps` steps on `schedule` (before guidance doubles the
+    batch): one a step, and for heun one more on each second-order step (see heun_model_calls)."""
+    if method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; choose one of {', '.join(SAMPLERS)}")
+    return heun_model_calls(schedule, steps, spacing) if method == "heun" else steps
 
 
 def sample(model: Denoiser, x: Tensor, schedule: GaussianPath, method: str = "dpmpp_2m", **options) -> Tensor:
@@ -33,4 +41,4 @@ def sample(model: Denoiser, x: Tensor, schedule: GaussianPath, method: str = "dp
 
 
 __all__ = ["NoiseSchedule", "RectifiedFlow", "GaussianPath", "PREDICTIONS", "ddpm", "ddim", "dpmpp_2m", "euler",
-           "heun", "repaint", "sample", "SAMPLERS", "guided", "randn"]
+           "heun", "repaint", "sample", "model_calls", "SAMPLERS", "guided", "randn"]

@@ -17,7 +17,7 @@ PATHS = {"linear": NoiseSchedule.linear, "cosine": NoiseSchedule.cosine, "flow":
          "flow_shift3": lambda: NoiseSchedule.rectified_flow(shift=3.0)}
 STEPS = {"ddpm": 200, "ddim": 50, "dpmpp_2m": 20, "euler": 50, "heun": 10}
 # Allowed |std / S - 1| at STEPS: discretisation error of each solver (measured worst case over the four
-# paths: ddpm 3.3%, ddim/euler 5.5%, dpmpp_2m 4.2%, heun 12.8% at 19 model calls) plus ~1% Monte Carlo.
+# paths: ddpm 3.3%, ddim/euler 5.5%, dpmpp_2m 4.2%, heun 12.8% at 18 model calls) plus ~1% Monte Carlo.
 STD_TOLERANCE = {"ddpm": 0.05, "ddim": 0.075, "euler": 0.075, "dpmpp_2m": 0.06, "heun": 0.15}
 
 

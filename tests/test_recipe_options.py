@@ -2,6 +2,7 @@
 --flip and --alpha-background."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -28,6 +29,25 @@ def test_minutes_fixes_and_stores_the_step_count(tmp_path, tiny_npz):
     # resuming the finished run continues the stored count, with no new probe
     assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == train["steps"]
+
+
+def test_minutes_budget_leaves_time_for_the_sample_grids():
+    import torch
+
+    import samplers
+    from diffunet.training import FORWARD_SHARE, _steps_for_budget, make_schedule
+    per_step = 0.01                                           # seconds, as the probe would measure
+    probe = [0.0, per_step * (PROBE_STEPS[1] - PROBE_STEPS[0])]
+    cfg = TrainConfig(minutes=1.0, batch_size=32, num_samples=64, sampler="heun", sample_steps=10, sample_every=500)
+    schedule = make_schedule(cfg)
+    fixed = _steps_for_budget(cfg, schedule, time.perf_counter(), probe, 1, torch.device("cpu"))
+    grid = 64 * samplers.model_calls("heun", schedule, 10) * per_step / 32 * FORWARD_SHARE    # one grid, seconds
+    expected = PROBE_STEPS[1] + int((60 - grid) / (per_step + grid / 500))
+    assert fixed.minutes is None and abs(fixed.steps - expected) <= 1      # perf_counter moved a little
+    # without grids' time the same budget would be about 6,000 steps; guidance doubles each grid's batch
+    guided = _steps_for_budget(dataclasses.replace(cfg, guidance=3.0), schedule, time.perf_counter(), probe, 1,
+                               torch.device("cpu"))
+    assert guided.steps < fixed.steps < PROBE_STEPS[1] + 6000
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])

@@ -298,3 +298,23 @@ def test_guided_runs_one_batched_forward_and_mixes_the_branches():
     assert torch.equal(calls[-1][2][3:], torch.tensor([10, 10, 10]))
     with pytest.raises(ValueError, match="one label per image"):
         guided(model, y[:2], 2.0)(x, t)
+
+
+@pytest.mark.parametrize("method", sorted(SAMPLERS))
+@pytest.mark.parametrize("schedule_name", ["linear", "rectified_flow"])
+def test_model_calls_counts_what_each_sampler_makes(method, schedule_name):
+    schedule = NoiseSchedule.linear(1000) if schedule_name == "linear" else NoiseSchedule.rectified_flow()
+    calls = []
+
+    def model(x, t):
+        calls.append(len(x))
+        return torch.zeros_like(x)
+
+    for steps in (1, 4, 7):
+        calls.clear()
+        sample(model, torch.randn(3, 1, 4, 4), schedule, method=method, steps=steps,
+               prediction="flow" if schedule_name == "rectified_flow" else "eps")
+        assert len(calls) == samplers.model_calls(method, schedule, steps)
+    assert samplers.model_calls("heun", schedule, 10) == 18    # the first step starts at (near-)pure noise
+    with pytest.raises(ValueError, match="unknown sampler"):
+        samplers.model_calls("plms", schedule, 10)
