@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import errno
 import io
+import json
 import math
 import os
 import sys
@@ -127,7 +128,8 @@ def run_train(args: argparse.Namespace) -> None:
     if cfg.resume:  # continue with the run's own settings; flags given now (e.g. --steps) take precedence
         cfg = resume_config(cfg.out, **{k: v for k, v in given.items() if k != "out"})
     run = train(cfg, model_overrides)
-    print(f"done: {cfg.steps} steps; samples in {run / 'samples_latest.png'}, weights in {run / 'model.safetensors'}")
+    steps = json.loads((run / "config.json").read_text())["train"]["steps"]  # --minutes fixed it during the run
+    print(f"done: {steps} steps; samples in {run / 'samples_latest.png'}, weights in {run / 'model.safetensors'}")
 
 
 def run_sample(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ from diffunet.training import PROBE_STEPS, TrainConfig
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
-def test_minutes_fixes_and_stores_the_step_count(tmp_path, tiny_npz):
+def test_minutes_fixes_and_stores_the_step_count(tmp_path, tiny_npz, capsys):
     run = tmp_path / "budget"
     started = time.perf_counter()
     assert main(["train", "--data", str(tiny_npz), *TINY, *FAST, "--out", str(run), "--minutes", "0.1",
@@ -25,6 +25,7 @@ def test_minutes_fixes_and_stores_the_step_count(tmp_path, tiny_npz):
     assert train["minutes"] is None and train["steps"] > PROBE_STEPS[1]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == train["steps"]                         # trained exactly the stored count
+    assert f"done: {train['steps']} steps" in capsys.readouterr().out   # says the count it fixed, not --steps
     assert 2 < elapsed < 30                                           # about 6 s of training, grids on top
     # resuming the finished run continues the stored count, with no new probe
     assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
