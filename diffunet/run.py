@@ -184,7 +184,6 @@ class Run:
             raise UserError(f"got {len(condition)} condition inputs for {num} images; give one, or one per image")
         return condition.expand(num, *condition.shape[1:])
 
-
     def output_shape(self, cond: Tensor) -> tuple[int, int, int]:
         """(C, H, W) of the outputs for inputs cond [..., h, w]. A direct run maps any size (overlap-tile,
         `direct.predict`): h x w, or for superres F h x F w unless h x w is the training size (then shrunk

@@ -41,7 +41,7 @@ def heun(model: Denoiser, x: Tensor, schedule: GaussianPath, steps: int = 10, *,
         alpha, sigma = schedule.alpha_sigma_at(t)
         alpha_next, sigma_next = schedule.alpha_sigma_at(t_next)
         x_euler = alpha_next * x0 + sigma_next * eps                               # line 5, back in x
-        if not second_order(schedule, t, t_next):
+        if not second_order(alpha, sigma, t_next):
             x = x_euler                                                            # first order (see above)
             continue
         eps_next, _ = denoise(model, x_euler, t_next, schedule, prediction, clip_x0)
@@ -50,17 +50,15 @@ def heun(model: Denoiser, x: Tensor, schedule: GaussianPath, steps: int = 10, *,
     return x
 
 
-def second_order(schedule: GaussianPath, t, t_next) -> bool:
-    """Whether heun's step from t to t_next takes the correction (a second model call): not into the clean
-    data (t_next None) and not from above sigma~ = KARRAS_SIGMA_MAX (see heun)."""
-    if t_next is None:
-        return False
-    alpha, sigma = schedule.alpha_sigma_at(t)
-    return bool(sigma <= KARRAS_SIGMA_MAX * alpha)
+def second_order(alpha, sigma, t_next) -> bool:
+    """Whether heun's step from a time with (alpha, sigma) to t_next takes the correction (a second model call):
+    not into the clean data (t_next None) and not from above sigma~ = KARRAS_SIGMA_MAX (see heun)."""
+    return t_next is not None and bool(sigma <= KARRAS_SIGMA_MAX * alpha)
 
 
 def heun_model_calls(schedule: GaussianPath, steps: int, spacing: str = "trailing") -> int:
     """Model calls `heun(..., schedule, steps, spacing=spacing)` makes per image: one a step, two where the
     step is second order; 2 steps - 2 on the flow and on the VP schedules, whose first step starts at pure
     or near-pure noise."""
-    return sum(1 + second_order(schedule, t, t_next) for t, t_next in step_pairs(schedule, steps, spacing))
+    pairs = step_pairs(schedule, steps, spacing)
+    return sum(1 + second_order(*schedule.alpha_sigma_at(t), t_next) for t, t_next in pairs)
