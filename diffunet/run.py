@@ -30,6 +30,14 @@ from .unet import UNet, UNetConfig
 LEGACY_SAMPLING = {"sampler": "ddpm", "sample_steps": 50, "guidance": 1.0}
 
 
+def run_guidance(train_config: dict) -> float:
+    """The guidance a run's grids, `sample` and `eval` use by default: its stored `guidance` where label dropout
+    trained the "no label" branch that classifier-free guidance needs, else 1.0 (none)."""
+    if not train_config.get("label_dropout", 0) > 0:
+        return 1.0
+    return train_config.get("guidance", LEGACY_SAMPLING["guidance"])
+
+
 def make_run_config(model_config: UNetConfig, schedule: NoiseSchedule, prediction: str, train_config: dict,
                image_shape: tuple[int, ...], data_name: str | None, task: dict | None = None) -> dict:
     """The config.json of a run: what `load_run` reads back (checkpoint.save_model adds the format version).
@@ -235,7 +243,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
                num_classes=model.config.num_classes, train_config=train_config,
                sampler=train_config.get("sampler", LEGACY_SAMPLING["sampler"]),
                steps=train_config.get("sample_steps", LEGACY_SAMPLING["sample_steps"]),
-               guidance=train_config.get("guidance", LEGACY_SAMPLING["guidance"]),
+               guidance=run_guidance(train_config),
                step=config.get("step"), data_name=config.get("data_name"), task=Task.from_dict(config.get("task")),
                objective=train_config.get("objective", "diffusion"))
 

@@ -34,7 +34,7 @@ from .ema import POWER_EMA_MAX_STD, ema_copy, ema_decay, ema_update, power_ema_d
 from .errors import CheckpointError, UserError
 from .generate import generate
 from .loss import PREDICTIONS, TIMESTEP_DISTRIBUTIONS, WEIGHTINGS, training_loss
-from .run import check_continues, make_run_config, stored_model_fields, stored_train_config
+from .run import check_continues, make_run_config, run_guidance, stored_model_fields, stored_train_config
 from .runlog import MetricsLog
 from .unet import PRESETS, UNet, UNetConfig
 
@@ -58,9 +58,10 @@ class TrainConfig:
     image_size: int | None = None       # resize + centre-crop folder images; None keeps the native size
     channels: int | None = None         # 1 or 3; None = what the data has
     alpha_background: int = 0           # gray level (0 black .. 255 white) that transparent images are composited on
-    steps: int = 2000                   # optimizer steps (2000 x 32 = 64k images: better than 1000 x 64)
+    steps: int = 1500                   # optimizer steps (1500 x 32 = 48k images: 3.5-4.4 minutes of a 2-core AVX2
+                                        # CPU in fp32, 2.7 in bf16; 2000 x 32 beat 1000 x 64 at the same images)
     minutes: float | None = None        # train for about this many minutes instead: `steps` is fixed from the
-                                        # speed of steps 5-25 and stored (minutes -> None), so resume stays exact
+                                        # speed of steps 10-60 and stored (minutes -> None), so resume stays exact
     batch_size: int = 32                # images per step per process (before gradient accumulation)
     grad_accum: int = 1                 # micro-batches per optimizer step
     lr: float = 2e-3                    # peak AdamW learning rate
@@ -109,8 +110,10 @@ class TrainConfig:
     num_samples: int = 64               # images in each grid
     sampler: str = "heun"               # grids, `sample` and `eval`: heun | dpmpp_2m | ddpm | ddim | euler
     sample_steps: int = 10              # sampler steps (heun: 2 model calls a step but the first and last, 18;
-                                        # on MNIST FD 1.65-1.92x the floor, dpmpp_2m 10 calls 1.69-2.08x)
-    guidance: float = 1.0               # classifier-free guidance for grids (1.0: lowest FD; > 1: bolder, less varied)
+                                        # MNIST, guidance 1.2: FD 1.79-1.81x the floor, dpmpp_2m 10 calls 1.73-1.84x)
+    guidance: float = 1.2               # classifier-free guidance of grids, `sample` and `eval` (1.0: none; 1.2 took
+                                        # the strict FD from 2.1-2.4x to 1.1-1.3x on MNIST; > 1.5: bolder, less varied);
+                                        # needs label_dropout > 0 (else 1.0 is used)
     quiet: bool = False                 # no progress bar
     resume: bool = False                # continue the run in `out` if it has a training state
 
@@ -437,7 +440,8 @@ def train(cfg: TrainConfig, model_overrides: dict | None = None) -> Path:
             if cfg.minutes is not None and state is None and step in PROBE_STEPS:
                 probe_times.append(time.perf_counter())
                 if step == PROBE_STEPS[1]:  # fix the step count now, before the cosine decay depends on it
-                    cfg = _steps_for_budget(cfg, schedule, started, probe_times, world, device)
+                    cfg = _steps_for_budget(cfg, schedule, started, probe_times, world, device,
+                                            guided=bool(model_cfg.num_classes))
                     run_config = {**run_config, "train": cfg.to_dict()}
                     bar.total = cfg.steps
             loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
@@ -514,15 +518,16 @@ def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _steps_for_budget(cfg: TrainConfig, schedule, started: float, probe_times: list[float], world: int,
-                      device: torch.device) -> TrainConfig:
+                      device: torch.device, guided: bool) -> TrainConfig:
     """The config with `steps` fixed so that the run ends about cfg.minutes after `started`, from the time
     per step between PROBE_STEPS (step 1 pays one-off costs), less the sample grids the run will draw (one every
     sample_every steps and one at the end, each num_samples x the sampler's model calls, guidance doubling the
-    batch, a forward costing FORWARD_SHARE of a step's per-image time); minutes -> None. All ranks agree."""
+    batch of a class-conditional model's grids (`guided`), a forward costing FORWARD_SHARE of a step's per-image
+    time); minutes -> None. All ranks agree."""
     per_step = (probe_times[1] - probe_times[0]) / (PROBE_STEPS[1] - PROBE_STEPS[0])
     forward_per_image = per_step / (cfg.batch_size * cfg.grad_accum) * FORWARD_SHARE
     grid = cfg.num_samples * samplers.model_calls(cfg.sampler, schedule, cfg.sample_steps) * forward_per_image * \
-        (2 if cfg.guidance != 1 else 1)
+        (2 if guided and run_guidance(cfg.to_dict()) != 1 else 1)
     remaining = cfg.minutes * 60 - (time.perf_counter() - started) - grid      # the last grid
     more = max(0, int(remaining / (per_step + grid / cfg.sample_every)))      # steps, with a grid every sample_every
     steps = torch.tensor([PROBE_STEPS[1] + more], device=device)
@@ -662,7 +667,8 @@ def _sample_grid(cfg, ema, schedule, model_cfg, image_shape, device, path, previ
     else:
         x0 = generate(ema, schedule, len(preview.cond) if preview else cfg.num_samples, tuple(image_shape),
                       sampler=cfg.sampler, steps=cfg.sample_steps, prediction=cfg.prediction, labels=labels,
-                      guidance=cfg.guidance, seed=cfg.seed, device=device, cond=preview.cond if preview else None)
+                      guidance=run_guidance(cfg.to_dict()), seed=cfg.seed, device=device,
+                      cond=preview.cond if preview else None)
     rows = preview.grid_rows(x0) if preview else x0
     grid = make_grid(to_uint8(rows), nrow=len(x0) if preview else model_cfg.num_classes or None)
     for target in (path, path.parent / "samples_latest.png"):

@@ -39,16 +39,20 @@ def test_minutes_budget_leaves_time_for_the_sample_grids():
     from diffunet.training import FORWARD_SHARE, _steps_for_budget, make_schedule
     per_step = 0.01                                           # seconds, as the probe would measure
     probe = [0.0, per_step * (PROBE_STEPS[1] - PROBE_STEPS[0])]
-    cfg = TrainConfig(minutes=1.0, batch_size=32, num_samples=64, sampler="heun", sample_steps=10, sample_every=500)
+    cfg = TrainConfig(minutes=1.0, batch_size=32, num_samples=64, sampler="heun", sample_steps=10, sample_every=500,
+                      guidance=1.0)
     schedule = make_schedule(cfg)
-    fixed = _steps_for_budget(cfg, schedule, time.perf_counter(), probe, 1, torch.device("cpu"))
+    fixed = _steps_for_budget(cfg, schedule, time.perf_counter(), probe, 1, torch.device("cpu"), guided=True)
     grid = 64 * samplers.model_calls("heun", schedule, 10) * per_step / 32 * FORWARD_SHARE    # one grid, seconds
     expected = PROBE_STEPS[1] + int((60 - grid) / (per_step + grid / 500))
     assert fixed.minutes is None and abs(fixed.steps - expected) <= 1      # perf_counter moved a little
-    # without grids' time the same budget would be about 6,000 steps; guidance doubles each grid's batch
-    guided = _steps_for_budget(dataclasses.replace(cfg, guidance=3.0), schedule, time.perf_counter(), probe, 1,
-                               torch.device("cpu"))
+    # without grids' time the same budget would be about 6,000 steps; guidance doubles each grid's batch,
+    # but not for a model without labels, whose grids are never guided
+    strong = dataclasses.replace(cfg, guidance=3.0)
+    guided = _steps_for_budget(strong, schedule, time.perf_counter(), probe, 1, torch.device("cpu"), guided=True)
     assert guided.steps < fixed.steps < PROBE_STEPS[1] + 6000
+    unlabelled = _steps_for_budget(strong, schedule, time.perf_counter(), probe, 1, torch.device("cpu"), guided=False)
+    assert abs(unlabelled.steps - fixed.steps) <= 1
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])

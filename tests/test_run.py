@@ -19,7 +19,7 @@ from diffunet.run import load_model
 from diffunet.cli import main
 from diffunet.images import to_uint8
 from diffunet.errors import CheckpointError, UserError
-from diffunet.run import LEGACY_SAMPLING
+from diffunet.run import LEGACY_SAMPLING, run_guidance
 from diffunet.training import resume_config, train
 from helpers import FAST, TINY
 
@@ -52,7 +52,7 @@ def test_load_run_reads_the_whole_run(run_dir):
     assert run.config == run.model.config and run.config.base_channels == 8
     assert run.image_shape == (1, 12, 12) and run.num_classes == 2 and run.prediction == "flow"
     assert run.schedule.to_dict()["kind"] == "rectified_flow" and run.step == 3   # the default path
-    assert (run.sampler, run.steps, run.guidance) == ("heun", 2, 1.0)  # FAST's --sample-steps 2
+    assert (run.sampler, run.steps, run.guidance) == ("heun", 2, 1.2)  # FAST's --sample-steps 2, default guidance
     assert run.train_config["steps"] == 3 and run.device == torch.device("cpu")
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.steps = 5
@@ -88,6 +88,18 @@ def test_runs_predating_the_sampling_fields_use_the_defaults_of_their_time(run_d
     (old / "config.json").write_text(json.dumps(config))
     run = load_run(old)
     assert (run.sampler, run.steps, run.guidance) == tuple(LEGACY_SAMPLING.values())
+
+
+def test_a_run_without_label_dropout_samples_unguided_by_default(run_dir, tmp_path):
+    # guidance extrapolates away from the "no label" branch, which only label dropout trains
+    assert run_guidance({"guidance": 1.2, "label_dropout": 0.1}) == 1.2
+    assert run_guidance({"guidance": 1.2, "label_dropout": 0.0}) == 1.0
+    undropped = tmp_path / "undropped"
+    shutil.copytree(run_dir, undropped)
+    config = json.loads((undropped / "config.json").read_text())
+    config["train"]["label_dropout"] = 0.0
+    (undropped / "config.json").write_text(json.dumps(config))
+    assert load_run(run_dir).guidance == 1.2 and load_run(undropped).guidance == 1.0
 
 
 def test_unet_from_pretrained_reproduces_outputs(run_dir, tmp_path):
