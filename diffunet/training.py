@@ -58,8 +58,9 @@ class TrainConfig:
     image_size: int | None = None       # resize + centre-crop folder images; None keeps the native size
     channels: int | None = None         # 1 or 3; None = what the data has
     alpha_background: int = 0           # gray level (0 black .. 255 white) that transparent images are composited on
-    steps: int = 1500                   # optimizer steps (1500 x 32 = 48k images: 3.5-4.4 minutes of a 2-core AVX2
-                                        # CPU in fp32, 2.7 in bf16; 2000 x 32 beat 1000 x 64 at the same images)
+    steps: int = 1500                   # optimizer steps (1500 x 32 = 48k images: a median of 4.3 minutes over 3 seeds
+                                        # on a 2-core AVX-512 EPYC restricted to AVX2 in fp32, 2.7 in bf16; 2000 x 32
+                                        # beat 1000 x 64 at the same images)
     minutes: float | None = None        # train for about this many minutes instead: `steps` is fixed from the
                                         # speed of steps 10-60 and stored (minutes -> None), so resume stays exact
     batch_size: int = 32                # images per step per process (before gradient accumulation)
