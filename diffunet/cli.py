@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .run import stored_train_config
+    from .checkpoint import read_config
     from .training import TrainConfig, resume_config, train
 
     given = {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("model_")}
@@ -128,7 +128,7 @@ def run_train(args: argparse.Namespace) -> None:
     if cfg.resume:  # continue with the run's own settings; flags given now (e.g. --steps) take precedence
         cfg = resume_config(cfg.out, **{k: v for k, v in given.items() if k != "out"})
     run = train(cfg, model_overrides)
-    steps = stored_train_config(run)["steps"]  # --minutes fixed it during the run
+    steps = read_config(run)["train"]["steps"]  # --minutes fixed it during the run
     print(f"done: {steps} steps; samples in {run / 'samples_latest.png'}, weights in {run / 'model.safetensors'}")
 
 
