@@ -26,6 +26,7 @@ import sys
 import torch
 
 import samplers
+from samplers.guidance import both_branches
 from diffunet.cli import main as diffunet_main
 
 
@@ -49,9 +50,8 @@ def variant_guided(mode: str, eta: float, phi: float, low: float, high: float):
                 if low < float(tau.flatten()[0]) <= high:
                     return both(x, t)
                 return model(x, t, y=labels.to(x.device))
-            y_batch = labels.to(x.device)
-            out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y_batch, torch.full_like(y_batch, null_label)]))
-            v_cond, v_uncond = out.float().chunk(2)
+            cond, uncond = both_branches(model, x, t, labels.to(x.device), null_label)
+            v_cond, v_uncond = cond.float(), uncond.float()
             x0_cond, x0_uncond = x - tau * v_cond, x - tau * v_uncond
             delta = x0_cond - x0_uncond
             if mode == "apg":
@@ -62,7 +62,7 @@ def variant_guided(mode: str, eta: float, phi: float, low: float, high: float):
                 std_cond = x0_cond.flatten(1).std(1).view(-1, 1, 1, 1)
                 std_cfg = x0_cfg.flatten(1).std(1).view(-1, 1, 1, 1).clamp_min(1e-12)
                 x0 = phi * x0_cfg * std_cond / std_cfg + (1 - phi) * x0_cfg
-            return ((x - x0) / tau.clamp_min(1e-6)).to(out.dtype)
+            return ((x - x0) / tau.clamp_min(1e-6)).to(cond.dtype)
         return denoiser
     return guided
 

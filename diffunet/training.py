@@ -66,8 +66,8 @@ class TrainConfig:
     batch_size: int = 32                # images per step per process (before gradient accumulation)
     grad_accum: int = 1                 # micro-batches per optimizer step
     lr: float = 3e-3                    # peak AdamW learning rate (with adam_beta2 0.99: Fashion-MNIST's strict FD
-                                        # 2.75/1.78/2.52x -> 2.06/1.46/2.10x over 3 seeds, MNIST as good or better
-                                        # than at 2e-3 and 0.999; benchmarks/README.md, "AdamW for short runs")
+                                        # 2.75/1.78/2.52x -> 2.06/1.46/2.10x over 3 seeds, MNIST a tie with 2e-3
+                                        # and 0.999; benchmarks/README.md, "AdamW for short runs")
     warmup_steps: int = 100             # linear warmup from 0 to lr
     lr_schedule: str = "cosine"         # cosine (to 0 at `steps`) | constant, after warmup
     weight_decay: float = 0.0           # AdamW decoupled weight decay

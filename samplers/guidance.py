@@ -28,10 +28,16 @@ def guided(model: Callable[..., Tensor], y: Tensor, scale: float,
     def denoiser(x: Tensor, t: Tensor) -> Tensor:
         if len(y) != len(x):
             raise ValueError(f"guided() got {len(y)} labels for a batch of {len(x)}; pass one label per image")
-        t = torch.as_tensor(t, device=x.device).expand(len(x))                      # [B]
-        labels = y.to(x.device)
-        out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([labels, torch.full_like(labels, null_label)]))
-        cond, uncond = out.chunk(2)                                                   # [B, ...] each
+        cond, uncond = both_branches(model, x, t, y.to(x.device), null_label)
         return uncond + scale * (cond - uncond)
 
     return denoiser
+
+
+def both_branches(model: Callable[..., Tensor], x: Tensor, t, labels: Tensor,
+                  null_label: int = -1) -> tuple[Tensor, Tensor]:
+    """(conditional, unconditional) outputs [B, ...] each, from ONE forward on the doubled batch [x, x] with
+    labels [labels, null_label]; t is a scalar or [B]."""
+    t = torch.as_tensor(t, device=x.device).expand(len(x))                          # [B]
+    out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([labels, torch.full_like(labels, null_label)]))
+    return out.chunk(2)
