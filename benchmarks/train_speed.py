@@ -117,16 +117,16 @@ def preset_speeds(args) -> None:
 
 
 def parse_override(text: str) -> dict:
-    """'norm_groups=2' -> {"norm_groups": 2}; 'base_channels=16,num_res_blocks=1' changes both: UNetConfig
-    fields with integer values."""
+    """'norm_groups=2' -> {"norm_groups": 2}; 'base_channels=16,num_res_blocks=1' changes both; a tuple field
+    takes its integers joined by colons: 'channel_mults=1:2:4' -> {"channel_mults": (1, 2, 4)}."""
     overrides = {}
     for item in text.split(","):
         field, _, value = item.partition("=")
         try:
-            overrides[field] = int(value)
+            overrides[field] = tuple(int(v) for v in value.split(":")) if ":" in value else int(value)
         except ValueError:
-            raise SystemExit(f"--override {text!r}: give FIELD=INTEGER[,FIELD=INTEGER], e.g. --override "
-                             f"norm_groups=2") from None
+            raise SystemExit(f"--override {text!r}: give FIELD=INTEGER[,FIELD=INTEGER] (a tuple as 1:2:4), e.g. "
+                             f"--override norm_groups=2") from None
     return overrides
 
 
@@ -177,7 +177,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds and 8 images per sampler")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=INT[,...]",
-                        help="also time each preset with these UNetConfig fields changed, interleaved (repeatable)")
+                        help="also time each preset with these UNetConfig fields changed, interleaved (repeatable; "
+                             "a tuple as channel_mults=1:2:4)")
     parser.add_argument("--default-malloc", dest="malloc", action="store_false",
                         help="leave glibc's malloc as it is, instead of keep_freed_memory() as the CLI does")
     args = parser.parse_args()
