@@ -14,6 +14,7 @@
     python benchmarks/train_speed.py --quick            # a smoke test
     python benchmarks/train_speed.py --checkpoint runs/mnist --precisions fp32 --compile
     python benchmarks/train_speed.py --presets small28 --override norm_groups=2 --no-samplers   # a variant
+    python benchmarks/train_speed.py --presets small28 --precisions fp32 --batch 16,24,32,48 --no-samplers
     python benchmarks/train_speed.py --device cuda --compile --num 1000 --batch 1000   # on a GPU
 """
 from __future__ import annotations
@@ -86,33 +87,35 @@ def forward_call(model: UNet, image: tuple[int, int, int], batch: int, bf16: boo
 
 
 def preset_speeds(args) -> None:
-    print(f"\n## Presets: training and sampling-forward images/s (batch {args.batch}, {args.rounds} rounds, medians; "
+    print(f"\n## Presets: training and sampling-forward images/s ({args.rounds} rounds, medians; "
           f"best round in brackets)\n")
-    print("| preset | params | precision | compiled | train img/s | sample-fwd img/s | first call s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| preset | params | precision | compiled | batch | train img/s | ms/step | sample-fwd img/s | first call s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.presets.split(","):
         preset, image = PRESETS[name]
         models = {}                                   # label -> model: the preset, then each --override of it
         for label, overrides in [(name, {}), *((f"{name} {text}", parse_override(text)) for text in args.override)]:
             torch.manual_seed(0)
             models[label] = UNet(preset(num_classes=NUM_CLASSES, **overrides)).to(DEVICE)
-        variants = [(label, precision, compiled) for precision in args.precisions.split(",")
-                    for compiled in ([False, True] if args.compile else [False]) for label in models]
+        variants = [(label, precision, compiled, batch) for precision in args.precisions.split(",")
+                    for compiled in ([False, True] if args.compile else [False]) for label in models
+                    for batch in args.batches]
         train, sample, first = {}, {}, {}
         for key in variants:
-            label, precision, compiled = key
-            train[key] = train_step(models[label], image, args.batch, precision == "bf16", compiled)
-            sample[key] = forward_call(models[label], image, args.batch, precision == "bf16", compiled)
+            label, precision, compiled, batch = key
+            train[key] = train_step(models[label], image, batch, precision == "bf16", compiled)
+            sample[key] = forward_call(models[label], image, batch, precision == "bf16", compiled)
             start = time.perf_counter()
             train[key](), sample[key]()                          # warm-up, and compilation
             first[key] = time.perf_counter() - start
         train_times, sample_times = interleaved(train, args.rounds, DEVICE), interleaved(sample, args.rounds, DEVICE)
         for key in variants:
-            label, precision, compiled = key
+            label, precision, compiled, batch = key
             parameters = sum(p.numel() for p in models[label].parameters())
-            print(f"| {label} | {parameters / 1e6:.2f} M | {precision} | {'yes' if compiled else 'no'} | "
-                  f"{args.batch / statistics.median(train_times[key]):.1f} ({args.batch / min(train_times[key]):.1f}) | "
-                  f"{args.batch / statistics.median(sample_times[key]):.0f} | {first[key]:.1f} |", flush=True)
+            step_seconds = statistics.median(train_times[key])
+            print(f"| {label} | {parameters / 1e6:.2f} M | {precision} | {'yes' if compiled else 'no'} | {batch} | "
+                  f"{batch / step_seconds:.1f} ({batch / min(train_times[key]):.1f}) | {step_seconds * 1e3:.1f} | "
+                  f"{batch / statistics.median(sample_times[key]):.0f} | {first[key]:.1f} |", flush=True)
     print(f"\n{load()}")
 
 
@@ -167,7 +170,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="small28,small32", help="comma-separated: small28, small32")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    parser.add_argument("--batch", type=int, default=64, help="images per training step and per sampling batch")
+    parser.add_argument("--batch", default="64", help="images per training step and per sampling batch; "
+                        "comma-separated sizes are timed interleaved (the sampler table takes the first)")
     parser.add_argument("--rounds", type=int, default=10, help="timed training steps / forward calls per variant")
     parser.add_argument("--num", type=int, default=64, help="images per sampler in the sampler table")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd presets (slow to compile)")
@@ -191,6 +195,11 @@ def main() -> None:
         keep_freed_memory()                # as the CLI does (benchmarks/allocator.py measures it)
     # train and eval, fp32 and bf16 each compile the forward again; the default limit of 8 falls back to eager
     torch._dynamo.config.recompile_limit = 64
+    try:
+        args.batches = [int(size) for size in args.batch.split(",")]
+    except ValueError:
+        parser.error(f"--batch {args.batch!r}: give images per step, or sizes joined by commas (16,24,32)")
+    args.batch = args.batches[0]
     if args.quick:
         args.rounds, args.num = 3, 8
     where = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"{torch.get_num_threads()} threads"
